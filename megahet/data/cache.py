@@ -1,0 +1,79 @@
+"""Files that several ranks may build at once: an exclusive lock plus write-to-temp-then-rename.
+
+The lock makes one rank do the work while the others wait; the rename means a reader never sees a
+half-written file even where locks do not work (some network filesystems), at worst work is repeated.
+"""
+import contextlib
+import json
+import logging
+import os
+import tempfile
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+try:
+    import fcntl
+except ImportError:  # Windows: rely on atomic renames alone
+    fcntl = None
+
+
+@contextlib.contextmanager
+def file_lock(path: str):
+    """Hold an exclusive advisory lock on `path` (created if needed) for the `with` block."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a+b") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def temp_path_for(path: str) -> str:
+    """A fresh, unique temporary file name in the directory of `path` (same filesystem, so rename is atomic)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    os.close(handle)
+    os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600; the final file should get normal permissions
+    return temp
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write `data` to `path` so readers see either the old file or the whole new one."""
+    temp = temp_path_for(path)
+    try:
+        with open(temp, "wb") as handle:
+            handle.write(data)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+
+
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def atomic_save_npy(path: str, array: np.ndarray) -> None:
+    """np.save to `path` atomically (np.save appends .npy to names without it, so write via a handle)."""
+    temp = temp_path_for(path)
+    try:
+        with open(temp, "wb") as handle:
+            np.save(handle, array, allow_pickle=False)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise

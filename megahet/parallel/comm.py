@@ -1,0 +1,196 @@
+"""CommGroup: one process group plus how to talk over it (native library or host-staged bridge).
+
+Every collective in megahet goes through a CommGroup, so the rest of the code never asks which
+library or which domain it is on. A group whose members share one communication domain uses the
+domain's native library (nccl, hccl, gloo) on device tensors. A group that spans domains is a
+gloo group and every call stages through host memory (`megahet.parallel.bridge`): device -> host
+(fp32 for reductions, since gloo and some vendors cannot reduce bf16) -> gloo -> host -> device,
+written back into the caller's tensor.
+
+Reductions use SUM; averaging is the caller's explicit division (AVG is not offered everywhere).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megahet.parallel import bridge
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+class Work:
+    """Handle of an asynchronous collective; `wait()` finishes it and writes results back."""
+
+    def __init__(self, work=None, finish=None):
+        self._work, self._finish = work, finish
+
+    def wait(self):
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        if self._finish is not None:
+            self._finish()
+            self._finish = None
+
+
+class CommGroup:
+    """A set of global ranks and the process group that connects them.
+
+    Args:
+        ranks: global ranks of the members, in group order.
+        my_rank: this process's global rank.
+        pg: the torch process group (None when the group has one member).
+        bridged: True when the members span communication domains (host-staged gloo).
+        library: the collective library of `pg` ("gloo", "nccl", "hccl").
+        name: for logs and errors.
+        device: this rank's compute device (where a native group's tensors live).
+    """
+
+    def __init__(self, ranks: Sequence[int], my_rank: int, pg=None, bridged: bool = False,
+                 library: str = "gloo", name: str = "", device: Optional[torch.device] = None):
+        self.ranks: List[int] = list(ranks)
+        self.size = len(self.ranks)
+        self.rank = self.ranks.index(my_rank) if my_rank in self.ranks else -1
+        self.pg, self.bridged, self.library, self.name = pg, bridged, library, name
+        # Where small metadata tensors (counts, flags) live for this group's library.
+        self.device = torch.device("cpu") if (bridged or library == "gloo") else device
+        # gloo cannot be trusted to reduce half types (pytorch issue 111131): upcast there.
+        self._upcast_reductions = bridged or library == "gloo"
+
+    def __repr__(self):
+        kind = "bridged" if self.bridged else self.library
+        return f"CommGroup({self.name}, ranks={self.ranks}, {kind})"
+
+    @property
+    def is_trivial(self) -> bool:
+        return self.size == 1
+
+    def global_rank(self, group_rank: int) -> int:
+        return self.ranks[group_rank]
+
+    # ------------------------------------------------------------------ reductions
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum", async_op: bool = False):
+        """Reduce `tensor` in place over the group. Returns the tensor (or a Work if async_op)."""
+        if self.size == 1:
+            return Work() if async_op else tensor
+        staged = bridge.stage_for_reduction(tensor, self.bridged, self._upcast_reductions)
+        work = dist.all_reduce(staged, op=_OPS[op], group=self.pg, async_op=async_op)
+        finish = (lambda: bridge.write_back(staged, tensor)) if staged is not tensor else None
+        if async_op:
+            return Work(work, finish)
+        if finish:
+            finish()
+        return tensor
+
+    def reduce_scatter_into(self, out: torch.Tensor, tensor: torch.Tensor, async_op: bool = False):
+        """Sum `tensor` (dim 0 = size * len(out)) over the group into this rank's slice `out`."""
+        if self.size == 1:
+            out.copy_(tensor)
+            return Work() if async_op else out
+        if tensor.shape[0] != out.shape[0] * self.size:
+            raise ValueError(f"reduce_scatter over {self.name}: input rows {tensor.shape[0]} != "
+                             f"{self.size} x output rows {out.shape[0]}")
+        staged = bridge.stage_for_reduction(tensor.contiguous(), self.bridged, self._upcast_reductions)
+        shard = out if (staged.dtype == out.dtype and staged.device == out.device) else torch.empty(
+            out.shape, dtype=staged.dtype, device=staged.device)
+        work = dist.reduce_scatter_tensor(shard, staged, group=self.pg, async_op=async_op)
+        finish = (lambda: bridge.write_back(shard, out)) if shard is not out else None
+        if async_op:
+            return Work(work, finish)
+        if finish:
+            finish()
+        return out
+
+    def reduce_scatter(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Sum over the group and keep this rank's 1/size slice along `dim`."""
+        if self.size == 1:
+            return tensor
+        moved = tensor.movedim(dim, 0).contiguous()
+        if moved.shape[0] % self.size:
+            raise ValueError(f"reduce_scatter over {self.name}: dim {dim} of size {moved.shape[0]} "
+                             f"is not divisible by group size {self.size}")
+        out = torch.empty((moved.shape[0] // self.size,) + tuple(moved.shape[1:]), dtype=tensor.dtype,
+                          device=tensor.device)
+        self.reduce_scatter_into(out, moved)
+        return out.movedim(0, dim)
+
+    # ------------------------------------------------------------------ data movement
+    def all_gather_into(self, out: torch.Tensor, tensor: torch.Tensor, async_op: bool = False):
+        """Concatenate every member's `tensor` along dim 0 into `out` (size * len(tensor) rows)."""
+        if self.size == 1:
+            out.copy_(tensor)
+            return Work() if async_op else out
+        staged = bridge.stage(tensor.contiguous(), self.bridged)
+        gathered = out if (staged.dtype == out.dtype and staged.device == out.device) else torch.empty(
+            out.shape, dtype=staged.dtype, device=staged.device)
+        work = dist.all_gather_into_tensor(gathered, staged, group=self.pg, async_op=async_op)
+        finish = (lambda: bridge.write_back(gathered, out)) if gathered is not out else None
+        if async_op:
+            return Work(work, finish)
+        if finish:
+            finish()
+        return out
+
+    def all_gather(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Concatenate every member's `tensor` along `dim` (same shape on every member)."""
+        if self.size == 1:
+            return tensor
+        moved = tensor.movedim(dim, 0).contiguous()
+        out = torch.empty((moved.shape[0] * self.size,) + tuple(moved.shape[1:]), dtype=tensor.dtype,
+                          device=tensor.device)
+        self.all_gather_into(out, moved)
+        return out.movedim(0, dim)
+
+    def all_gather_ints(self, values: Sequence[int]) -> List[List[int]]:
+        """Gather a short list of ints from every member (e.g. token counts) as Python lists."""
+        if self.size == 1:
+            return [list(values)]
+        t = torch.tensor(list(values), dtype=torch.int64, device=self.device)
+        g = self.all_gather(t.unsqueeze(0), dim=0)
+        return [[int(v) for v in row] for row in g.cpu()]
+
+    def all_to_all(self, tensor: torch.Tensor, in_splits: Sequence[int], out_splits: Sequence[int]) -> torch.Tensor:
+        """Send `in_splits[i]` rows (dim 0) to member i; receive `out_splits[i]` rows from member i."""
+        if self.size == 1:
+            return tensor
+        in_splits, out_splits = [int(s) for s in in_splits], [int(s) for s in out_splits]
+        staged = bridge.stage(tensor.contiguous(), self.bridged)
+        out = torch.empty((sum(out_splits),) + tuple(tensor.shape[1:]), dtype=staged.dtype, device=staged.device)
+        dist.all_to_all_single(out, staged, output_split_sizes=out_splits, input_split_sizes=in_splits, group=self.pg)
+        return bridge.unstage(out, tensor.device, tensor.dtype) if self.bridged else out
+
+    def broadcast(self, tensor: torch.Tensor, src_global_rank: int) -> torch.Tensor:
+        """Broadcast in place from a member, named by its global rank."""
+        if self.size == 1:
+            return tensor
+        staged = bridge.stage(tensor, self.bridged)
+        dist.broadcast(staged, src=src_global_rank, group=self.pg)
+        if staged is not tensor:
+            bridge.write_back(staged, tensor)
+        return tensor
+
+    def barrier(self):
+        if self.size > 1:
+            dist.barrier(group=self.pg)
+
+
+def make_group(ranks: Sequence[int], my_rank: int, domains: Sequence[str], libraries: Sequence[str],
+               timeout, name: str = "", device: Optional[torch.device] = None) -> Optional[CommGroup]:
+    """Create the process group for `ranks` (every rank must call this, in the same order).
+
+    `domains[r]` and `libraries[r]` describe global rank r. Returns a CommGroup for members and None
+    for non-members.
+    """
+    ranks = list(ranks)
+    member_domains = {domains[r] for r in ranks}
+    bridged = len(member_domains) > 1
+    library = "gloo" if bridged else libraries[ranks[0]]
+    pg = None
+    if len(ranks) > 1:
+        pg = dist.new_group(ranks=ranks, backend=library, timeout=timeout)
+    if my_rank not in ranks:
+        return None
+    return CommGroup(ranks, my_rank, pg=pg, bridged=bridged, library=library, name=name, device=device)

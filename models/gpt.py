@@ -1,0 +1,169 @@
+"""GPT / Llama-style decoder (dense or MoE), one pipeline chunk of it per instance.
+
+A chunk holds a contiguous range of global layers; the first chunk of the pipeline also holds the
+embedding, the last one the final norm, the output layer and the loss. Parameter names are the
+unsharded model's names (`decoder.layers.<global index>...`), which checkpoints and resharding rely on.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megahet.config import ModelConfig
+from megahet.parallel import collectives as C
+from megahet.parallel.context import ParallelContext
+from megahet.parallel.init import init_full_normal
+from megahet.parallel.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
+from megahet.models.transformer import Norm, TransformerLayer, rotary_tables
+
+EMBEDDING_WEIGHT = "embedding.word_embeddings.weight"
+
+
+class Embedding(nn.Module):
+    """Word embeddings (vocab-parallel) plus optional learned absolute positions; output [s(/tp), b, h]."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, vocab_size: int, padded_vocab_size: int, seed: int,
+                 sequence_parallel: bool, dtype, device):
+        super().__init__()
+        self.ctx, self.sequence_parallel = ctx, sequence_parallel
+        self.word_embeddings = VocabParallelEmbedding(vocab_size, padded_vocab_size, cfg.hidden_size,
+                                                      group=ctx.tp_group, name="embedding.word_embeddings", seed=seed,
+                                                      init_std=cfg.init_method_std,
+                                                      sequence_parallel=sequence_parallel, dtype=dtype, device=device)
+        self.position_embeddings = None
+        if cfg.position_embedding_type == "learned_absolute":
+            full = init_full_normal((cfg.max_position_embeddings, cfg.hidden_size), cfg.init_method_std, seed,
+                                    "embedding.position_embeddings.weight")
+            self.position_embeddings = nn.Parameter(full.to(device=device, dtype=dtype))
+            # Each rank adds positions to its own sequence shard: grads are partial under SP.
+            self.position_embeddings.sequence_parallel = sequence_parallel
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.word_embeddings(tokens)  # [s(/tp), b, h]
+        if self.position_embeddings is not None:
+            s_local = h.shape[0]
+            start = self.ctx.tp_group.rank * s_local if self.sequence_parallel and self.ctx.tp_group.size > 1 else 0
+            h = h + self.position_embeddings[start:start + s_local].unsqueeze(1)
+        return h
+
+
+class GPTModel(nn.Module):
+    """One pipeline chunk of the GPT model.
+
+    Args:
+        cfg: model architecture.
+        ctx: this rank's parallel context (groups, kernels, device).
+        layer_ids: global indices of the transformer layers this chunk holds.
+        pre_process: holds the embedding (first chunk of the pipeline).
+        post_process: holds final norm, output layer and loss (last chunk).
+        vocab_size / padded_vocab_size: real and padded vocabulary (padded logits are masked).
+        sequence_parallel: Megatron sequence parallelism inside TP regions.
+        seed: weights come from (seed, parameter name): identical under every layout.
+        recompute: None, "full" (listed layers are recomputed in backward) or "selective" (attention core).
+        recompute_layers: global indices of layers to recompute fully.
+        moe_tracker: collects router statistics and aux losses of this chunk's MoE layers.
+    """
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, *, layer_ids: Sequence[int], pre_process: bool,
+                 post_process: bool, vocab_size: int, padded_vocab_size: int, sequence_parallel: bool = False,
+                 seed: int = 1234, dtype=torch.float32, recompute: Optional[str] = None,
+                 recompute_layers: Sequence[int] = (), moe_tracker=None):
+        super().__init__()
+        device = ctx.device
+        self.cfg, self.ctx = cfg, ctx
+        self.pre_process, self.post_process = pre_process, post_process
+        self.sequence_parallel = sequence_parallel and ctx.tp_group.size > 1
+        self.vocab_size, self.padded_vocab_size = vocab_size, padded_vocab_size
+        self.layer_ids = list(layer_ids)
+        self.recompute_layers = set(recompute_layers) if recompute == "full" else set()
+        self.tied = not cfg.untie_embeddings_and_output_weights
+        if pre_process:
+            self.embedding = Embedding(cfg, ctx, vocab_size, padded_vocab_size, seed, self.sequence_parallel, dtype, device)
+        self.decoder = nn.Module()
+        self.decoder.layers = nn.ModuleDict({
+            str(i): TransformerLayer(cfg, ctx, i, seed, self.sequence_parallel, dtype, device, moe_tracker)
+            for i in self.layer_ids})
+        if recompute == "selective":
+            for layer in self.decoder.layers.values():
+                layer.self_attention.recompute_core = True
+        self.rope = None
+        if cfg.position_embedding_type == "rope":
+            self.rope = rotary_tables(cfg.max_position_embeddings, cfg.kv_channels, cfg.rotary_base, device)
+        if post_process:
+            self.decoder.final_layernorm = Norm(cfg, ctx, self.sequence_parallel, dtype, device)
+            # Tied and the embedding lives on another stage: keep a copy initialised identically,
+            # kept in sync by summing both copies' gradients over the embedding group.
+            own_output = not self.tied or not pre_process
+            name = "output_layer" if not self.tied else "embedding.word_embeddings"
+            self.output_layer = ColumnParallelLinear(
+                cfg.hidden_size, padded_vocab_size, group=ctx.tp_group, name=name, seed=seed,
+                init_std=cfg.init_method_std, sequence_parallel=self.sequence_parallel, dtype=dtype, device=device,
+                create_weight=own_output)
+            if own_output:
+                full = torch.zeros(padded_vocab_size, cfg.hidden_size)
+                full[:vocab_size] = init_full_normal((vocab_size, cfg.hidden_size), cfg.init_method_std, seed,
+                                                     f"{name}.weight")
+                from megahet.parallel.sharding import shard_tensor
+                with torch.no_grad():
+                    self.output_layer.weight.copy_(shard_tensor(full, 0, ctx.tp_group.rank, ctx.tp_group.size))
+        for pname, p in self.named_parameters():
+            p.global_name = pname
+        if post_process and self.tied and not pre_process:
+            self.output_layer.weight.global_name = EMBEDDING_WEIGHT
+            self.output_layer.weight.shared_embedding = True
+        if pre_process and self.tied and ctx.pp > 1:
+            self.embedding.word_embeddings.weight.shared_embedding = True
+        self._input_tensor = None
+
+    def output_weight(self) -> torch.Tensor:
+        if self.output_layer.weight is not None:
+            return self.output_layer.weight
+        return self.embedding.word_embeddings.weight
+
+    def forward(self, tokens: Optional[torch.Tensor] = None, hidden_states: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens [b, s] (first chunk) or hidden_states [s(/tp), b, h] (later chunks).
+
+        Returns hidden states [s(/tp), b, h] (not last chunk), per-token loss [b, s] fp32 (last chunk
+        with labels) or logits [b, s, vocab] (last chunk without labels; padding removed, TP gathered).
+        """
+        h = self.embedding(tokens) if self.pre_process else hidden_states
+        for layer in self.decoder.layers.values():
+            if layer.layer_number in self.recompute_layers and torch.is_grad_enabled():
+                h = checkpoint(layer, h, self.rope, use_reentrant=False)
+            else:
+                h = layer(h, self.rope)
+        if not self.post_process:
+            return h
+        h = self.decoder.final_layernorm(h)
+        logits = self.output_layer(h, weight=self.output_weight())  # [s, b, v/tp]
+        if labels is None:
+            full = C.gather_from_tensor_parallel_region(logits, self.ctx.tp_group)  # [s, b, v_pad]
+            return full[..., :self.vocab_size].transpose(0, 1).float()  # [b, s, v]
+        tp = self.ctx.tp_group
+        vocab_start = tp.rank * (self.padded_vocab_size // tp.size) if tp.size > 1 else 0
+        loss = vocab_parallel_cross_entropy(logits, labels.t(), tp, vocab_start, self.vocab_size)  # [s, b]
+        return loss.t()  # [b, s]
+
+
+def count_parameters(cfg: ModelConfig, vocab_size: int) -> int:
+    """Parameters of the full (unsharded) model, for logs and FLOP estimates."""
+    h, L = cfg.hidden_size, cfg.num_layers
+    d = cfg.kv_channels
+    attn = h * (cfg.num_attention_heads + 2 * cfg.num_query_groups) * d + cfg.num_attention_heads * d * h
+    mlp_dense = h * cfg.ffn_hidden_size * (3 if cfg.swiglu else 2)
+    total = vocab_size * h * (1 if not cfg.untie_embeddings_and_output_weights else 2) + h
+    for i in range(L):
+        total += attn + 2 * h
+        if cfg.num_experts and i % max(1, cfg.moe_layer_freq) == 0:
+            per_expert = h * cfg.moe_ffn_hidden_size * (3 if cfg.swiglu else 2)
+            total += cfg.num_experts * per_expert + h * cfg.num_experts
+            if cfg.moe_shared_expert_intermediate_size:
+                total += h * cfg.moe_shared_expert_intermediate_size * (3 if cfg.swiglu else 2)
+        else:
+            total += mlp_dense
+    return int(total)

@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""Tokenize a JSONL or text corpus into megahet's indexed dataset (PREFIX.bin / PREFIX.idx).
+
+Resumable: an interrupted run continues from its last finished chunk when started again with the same
+arguments. Example:
+    python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \\
+        --tokenizer-type SentencePieceTokenizer --tokenizer-model data/tok.model --append-eod --workers 4
+"""
+import argparse
+import logging
+import sys
+
+from megahet.data.preprocess import preprocess_data
+from megahet.errors import MegahetError
+from megahet.tokenizer import TOKENIZER_TYPES
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", required=True,
+                        help=".jsonl (one JSON object per line) or .txt (documents separated by blank lines)")
+    parser.add_argument("--json-keys", nargs="+", default=["text"],
+                        help="JSON fields holding the text (several are joined by newlines)")
+    parser.add_argument("--output-prefix", required=True)
+    parser.add_argument("--tokenizer-type", default="SentencePieceTokenizer", choices=TOKENIZER_TYPES)
+    parser.add_argument("--tokenizer-model", default=None)
+    parser.add_argument("--vocab-size", type=int, default=None, help="for NullTokenizer")
+    parser.add_argument("--append-eod", action="store_true", help="end every document with the eod id")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--chunk-docs", type=int, default=100_000,
+                        help="documents per resumable chunk")
+    parser.add_argument("--log-interval", type=int, default=1000, help="documents between progress updates")
+    return parser.parse_args(argv)
+
+
+def _progress_line(documents: int, tokens: int, seconds: float) -> None:
+    seconds = max(seconds, 1e-9)
+    sys.stderr.write(f"\r{documents} docs  {tokens} tokens  {documents / seconds:.0f} docs/s  "
+                     f"{tokens / seconds:.0f} tokens/s  ")
+    sys.stderr.flush()
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    try:
+        prefix = preprocess_data(args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model,
+                                 args.vocab_size, json_keys=args.json_keys, append_eod=args.append_eod,
+                                 workers=args.workers, chunk_docs=args.chunk_docs,
+                                 log_interval=args.log_interval, progress=_progress_line)
+    except MegahetError as error:
+        print(f"\nerror: {error}", file=sys.stderr)
+        return 2
+    sys.stderr.write("\n")
+    print(f"wrote {prefix}.bin and {prefix}.idx")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
