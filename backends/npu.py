@@ -104,6 +104,8 @@ def npu_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return sdpa_causal_attention(q, k, v, softmax_scale)
     check_attention_shapes(q, k, v)
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    # The op reads dense ND tensors; callers often pass transposed [s, b] views of [b, s] data.
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = _torch_npu().npu_fusion_attention(
         q, k, v, q.shape[2], "BSND", atten_mask=_causal_mask(q.device), scale=scale,
         keep_prob=1.0, next_tockens=0, sparse_mode=2)

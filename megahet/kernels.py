@@ -21,25 +21,30 @@ KERNEL_NAMES = ("rms_norm", "layer_norm", "apply_rotary", "causal_attention", "s
 TokenCounts = Union[Sequence[int], torch.Tensor]
 
 
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (fp64 stays fp64): the precision every reference computes in."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def reference_rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> torch.Tensor:
     """RMS-normalise the last dim in fp32 (weight applied in fp32 too), return x.dtype."""
-    xf = x.float()  # [..., h]
+    xf = _upcast(x)  # [..., h]
     y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)  # [..., h]
     if weight is not None:
-        y = y * weight.float()
+        y = y * _upcast(weight)
     return y.to(x.dtype)
 
 
 def reference_layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor],
                          bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
     """Layer-normalise the last dim in fp32, return x.dtype."""
-    xf = x.float()  # [..., h]
+    xf = _upcast(x)  # [..., h]
     centred = xf - xf.mean(dim=-1, keepdim=True)  # [..., h]
     y = centred * torch.rsqrt(centred.pow(2).mean(dim=-1, keepdim=True) + eps)  # [..., h]
     if weight is not None:
-        y = y * weight.float()
+        y = y * _upcast(weight)
     if bias is not None:
-        y = y + bias.float()
+        y = y + _upcast(bias)
     return y.to(x.dtype)
 
 
@@ -54,8 +59,8 @@ def reference_apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 
     x is [s, b, n, d]; cos/sin are [s, 1, 1, d] fp32. Returns x.dtype.
     """
-    xf = x.float()  # [s, b, n, d]
-    y = xf * cos.float() + rotate_half(xf) * sin.float()  # [s, b, n, d]
+    xf = _upcast(x)  # [s, b, n, d]
+    y = xf * cos.to(xf.dtype) + rotate_half(xf) * sin.to(xf.dtype)  # [s, b, n, d]
     return y.to(x.dtype)
 
 
@@ -88,9 +93,9 @@ def reference_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     s, d = q.shape[1], q.shape[3]
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
     # Query head i reads kv head i // group (the flash-attn / SDPA enable_gqa convention).
-    kf = k.float().repeat_interleave(group, dim=2)  # [b, s, nq, d]
-    vf = v.float().repeat_interleave(group, dim=2)  # [b, s, nq, d]
-    scores = torch.einsum("bqnd,bknd->bnqk", q.float(), kf) * scale  # [b, nq, s, s]
+    kf = _upcast(k).repeat_interleave(group, dim=2)  # [b, s, nq, d]
+    vf = _upcast(v).repeat_interleave(group, dim=2)  # [b, s, nq, d]
+    scores = torch.einsum("bqnd,bknd->bnqk", _upcast(q), kf) * scale  # [b, nq, s, s]
     future = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(diagonal=1)  # [s, s]
     probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1)  # [b, nq, s, s]
     out = torch.einsum("bnqk,bknd->bqnd", probs, vf)  # [b, s, nq, d]

@@ -1,4 +1,5 @@
 """Train a byte-fallback BPE sentencepiece model, reproducibly and in seconds on a few MB of text."""
+import io
 import json
 import logging
 import os
@@ -58,6 +59,18 @@ def _sentences(inputs, json_keys):
         yield from _lines_of(text)
 
 
+def _write_atomically(path: str, data: bytes) -> None:
+    handle, temp = tempfile.mkstemp(prefix=".tokenizer-", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+        os.chmod(temp, 0o644)
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
+
+
 def train_sentencepiece(inputs: "Iterable[str] | str", model_prefix: str, vocab_size: int, *,
                         json_keys=("text",), input_sentence_size: int = 1_000_000,
                         max_sentence_length: int = 8192, character_coverage: float = 0.9995,
@@ -80,33 +93,30 @@ def train_sentencepiece(inputs: "Iterable[str] | str", model_prefix: str, vocab_
     if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
         raise MegahetError(f"tokenizer vocab_size {vocab_size} is too small; byte fallback needs "
                            f"at least {MIN_VOCAB_SIZE} (pass a larger --vocab-size)")
-    directory = os.path.dirname(os.path.abspath(model_prefix))
-    os.makedirs(directory, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
     lines = list(_sentences(inputs, json_keys))
     if not lines:
         raise MegahetError("tokenizer training input has no text; pass non-empty files to --input")
     if hasattr(sentencepiece, "set_random_generator_seed"):
         sentencepiece.set_random_generator_seed(seed)
-    temp_dir = tempfile.mkdtemp(prefix=".spm-", dir=directory)
-    temp_prefix = os.path.join(temp_dir, "model")
+    # Train into memory: a model_prefix would be recorded in the model and differ between runs.
+    model = io.BytesIO()
     try:
-        try:
-            sentencepiece.SentencePieceTrainer.Train(
-                sentence_iterator=iter(lines), model_prefix=temp_prefix, vocab_size=vocab_size,
-                model_type="bpe", byte_fallback=True, character_coverage=character_coverage,
-                unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
-                normalization_rule_name="identity", remove_extra_whitespaces=False,
-                split_digits=True, allow_whitespace_only_pieces=True,
-                input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
-                max_sentence_length=max_sentence_length, num_threads=num_threads, minloglevel=2)
-        except RuntimeError as error:
-            raise MegahetError(f"sentencepiece training failed: {str(error).strip().splitlines()[-1]}; "
-                               f"check the input text and --vocab-size") from None
-        for ext in (".vocab", ".model"):  # .model last: its presence means the pair is complete
-            os.replace(temp_prefix + ext, model_prefix + ext)
-    finally:
-        for name in os.listdir(temp_dir):
-            os.unlink(os.path.join(temp_dir, name))
-        os.rmdir(temp_dir)
+        sentencepiece.SentencePieceTrainer.Train(
+            sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
+            model_type="bpe", byte_fallback=True, character_coverage=character_coverage,
+            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
+            split_digits=True, allow_whitespace_only_pieces=True,
+            input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
+            max_sentence_length=max_sentence_length, num_threads=num_threads, minloglevel=2)
+    except RuntimeError as error:
+        raise MegahetError(f"sentencepiece training failed: {str(error).strip().splitlines()[-1]}; "
+                           f"check the input text and --vocab-size") from None
+    processor = sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
+    vocab = "".join(f"{processor.IdToPiece(i)}\t{processor.GetScore(i):g}\n"
+                    for i in range(processor.GetPieceSize()))
+    _write_atomically(model_prefix + ".vocab", vocab.encode("utf-8"))
+    _write_atomically(model_prefix + ".model", model.getvalue())  # last: its presence means both exist
     logger.info("trained tokenizer %s.model (vocab %d) on %d lines", model_prefix, vocab_size, len(lines))
     return model_prefix + ".model"

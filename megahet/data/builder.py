@@ -37,7 +37,7 @@ def build_datasets(data_path: "list[str] | None", split: str, seq_length: int, s
                                                         MOCK_DEFAULT_SAMPLES if n is None else n, split=i)
                      for i, n in enumerate(num_samples))
     if not data_path:
-        raise MegahetError("no training data; pass --data-path, --mock-data, or use the built-in corpus")
+        raise MegahetError("no training data given; pass --data-path PREFIX or --mock-data")
     entries = parse_data_path(data_path)
     indexed = [IndexedDataset(prefix) for _, prefix in entries]
     for dataset in indexed:

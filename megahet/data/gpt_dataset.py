@@ -99,6 +99,9 @@ class GPTDataset:
             raise MegahetError("eod_mask_loss needs the tokenizer's eod id")
         self.indexed, self.name = indexed, name
         self.documents = (int(documents[0]), int(documents[1]))
+        if not 0 <= self.documents[0] <= self.documents[1] <= len(indexed):
+            raise MegahetError(f"document range {self.documents} is outside {indexed.path_prefix} "
+                               f"({len(indexed)} sequences); fix the split")
         self.seq_length, self.seed, self.num_samples = seq_length, seed, num_samples
         self.eod_id, self.eod_mask_loss = eod_id, eod_mask_loss
         self._lengths = indexed.sequence_lengths[self.documents[0]:self.documents[1]]

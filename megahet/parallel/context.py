@@ -199,6 +199,8 @@ def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
             if rank in ranks:
                 group = made[key] or CommGroup(ranks, rank, name=f"{kind}{list(ranks)}", device=device)
                 mine[kind] = group
+    # Middle pipeline stages hold no embedding: their embedding group is themselves alone.
+    mine.setdefault("embedding", CommGroup([rank], rank, name="embedding", device=device))
     world_bridged = len(set(domains)) > 1
     world = CommGroup(list(range(world_size)), rank,
                       pg=dist.group.WORLD if world_size > 1 else None, bridged=world_bridged,

@@ -1,0 +1,71 @@
+"""Rank functions for pipeline equivalence tests: losses and full gradients by parameter name."""
+import torch
+
+from megahet.config import build_config
+from megahet.models.gpt import GPTModel
+from megahet.parallel.context import build_parallel_context
+from megahet.parallel.grad_sync import allreduce_embedding_grads, allreduce_sequence_parallel_grads
+from megahet.parallel.pipeline import forward_backward, recompute_layers, stage_layer_ranges
+from megahet.parallel.sharding import gather_full
+
+VOCAB = 96
+
+
+def make_cfg(**over):
+    base = dict(num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2, seq_length=8,
+                vocab_size=VOCAB, tokenizer_type="NullTokenizer", mock_data=True, train_iters=1,
+                make_vocab_size_divisible_by=8, micro_batch_size=2, global_batch_size=8)
+    base.update(over)
+    return build_config(overrides=base)
+
+
+def microbatches(cfg, n, mbs, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, VOCAB, (n * mbs, cfg.model.seq_length + 1), generator=g)
+    out = []
+    for i in range(n):
+        chunk = data[i * mbs:(i + 1) * mbs]
+        out.append({"tokens": chunk[:, :-1], "labels": chunk[:, 1:], "loss_mask": torch.ones(mbs, cfg.model.seq_length)})
+    return out
+
+
+def build_chunks(cfg, ctx):
+    ranges = stage_layer_ranges(cfg, ctx.pp_rank)
+    rec = recompute_layers(cfg, ranges)
+    chunks = []
+    for c, r in enumerate(ranges):
+        chunks.append(GPTModel(cfg.model, ctx, layer_ids=r, pre_process=ctx.is_first_stage and c == 0,
+                               post_process=ctx.is_last_stage and c == len(ranges) - 1, vocab_size=VOCAB,
+                               padded_vocab_size=-(-VOCAB // (8 * ctx.tp)) * 8 * ctx.tp,
+                               sequence_parallel=cfg.parallel.sequence_parallel, seed=cfg.train.seed,
+                               recompute=cfg.train.recompute_granularity, recompute_layers=rec))
+    return chunks
+
+
+def run_pipeline(world, over, schedule="1f1b", num_mb=4, mbs=2):
+    """One forward/backward; every rank returns (loss_sum, tokens, {name: full grad})."""
+    cfg = make_cfg(**over)
+    p = cfg.parallel
+    ctx = build_parallel_context(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
+                                 backend_name="cpu", timeout_s=60)
+    chunks = build_chunks(cfg, ctx)
+    # Replica d takes a contiguous slice of the global micro-batches.
+    all_mbs = microbatches(cfg, num_mb, mbs)
+    per = num_mb // ctx.dp
+    mine = all_mbs[ctx.dp_rank * per:(ctx.dp_rank + 1) * per]
+    global_tokens = float(sum(mb["loss_mask"].sum() for mb in all_mbs))
+    out = forward_backward(chunks, mine, ctx, global_tokens=global_tokens, schedule=schedule)
+    params = [q for c in chunks for q in c.parameters()]
+    allreduce_sequence_parallel_grads(params, ctx.tp_group)
+    allreduce_embedding_grads(params, ctx.embedding_group)
+    for q in params:
+        ctx.dp_group.all_reduce(q.grad)
+    loss = out.loss_sum.clone()
+    ctx.world_group.all_reduce(loss if ctx.is_last_stage and ctx.tp_rank == 0 else loss.zero_())
+    grads = {}
+    for q in params:
+        g = gather_full(q.grad, q, ctx.tp_group)
+        if q.global_name.endswith("word_embeddings.weight"):
+            g = g[:VOCAB]
+        grads[q.global_name] = g.clone()
+    return float(loss), grads
