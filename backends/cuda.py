@@ -123,6 +123,11 @@ class CUDABackend(Backend):
             return False, "no CUDA device visible (check the driver and CUDA_VISIBLE_DEVICES)"
         return True, ""
 
+    def device(self, local_rank: int = 0) -> torch.device:
+        """cuda:local_rank, also made the current device: NCCL and the RNG calls use the current one."""
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+
     def synchronize(self, device: Optional[torch.device] = None) -> None:
         torch.cuda.synchronize(device)
 

@@ -85,6 +85,7 @@ def npu_apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     s, b, n, d = x.shape
     if d != 128 or b > 1000 or n > 1000 or b * n > 1024:
         return reference_apply_rotary(x, cos, sin)
+    x = x.contiguous()  # q/k are often strided slices of a fused qkv projection
     return _torch_npu().npu_rotary_mul(x, cos.to(x.dtype), sin.to(x.dtype))  # [s, b, n, d]
 
 
@@ -174,7 +175,9 @@ class NPUBackend(Backend):
         return True, ""
 
     def device(self, local_rank: int = 0) -> torch.device:
+        """npu:local_rank, also made the current device: HCCL and the RNG calls use the current one."""
         _torch_npu()  # torch only knows the 'npu' device type once torch_npu is imported
+        torch.npu.set_device(local_rank)
         return torch.device("npu", local_rank)
 
     def synchronize(self, device: Optional[torch.device] = None) -> None:

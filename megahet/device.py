@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 import logging
+import os
 import resource
 import sys
 import time
@@ -176,12 +177,12 @@ def _time_matmul(backend: Backend, a: torch.Tensor, b: torch.Tensor, device: tor
 
 def measure_matmul_flops(backend: Backend, dtype: torch.dtype, max_size: int = 1024,
                          seconds: float = 0.2) -> float:
-    """Achieved FLOP/s of square matmuls on backend.device(0), measured once per process.
+    """Achieved FLOP/s of square matmuls on this rank's device, measured once per process.
 
     The size doubles from 128 up to max_size while one matmul stays well under the time budget, so
     a dtype without a fast path (fp16 on many CPUs) is measured small instead of taking seconds.
     """
-    device = backend.device(0)
+    device = backend.device(int(os.environ.get("LOCAL_RANK", "0") or 0))  # torchrun sets LOCAL_RANK
     key = (str(device), str(dtype))
     if key in _MEASURED_FLOPS:
         return _MEASURED_FLOPS[key]

@@ -112,6 +112,11 @@ class GPTModel(nn.Module):
                     self.output_layer.weight.copy_(shard_tensor(full, 0, ctx.tp_group.rank, ctx.tp_group.size))
         for pname, p in self.named_parameters():
             p.global_name = pname
+        # Checkpoints store only the real vocabulary rows: padding depends on the layout.
+        if pre_process:
+            self.embedding.word_embeddings.weight.vocab_dim = 0
+        if post_process and self.output_layer.weight is not None:
+            self.output_layer.weight.vocab_dim = 0
         if post_process and self.tied and not pre_process:
             self.output_layer.weight.global_name = EMBEDDING_WEIGHT
             self.output_layer.weight.shared_embedding = True

@@ -114,24 +114,33 @@ def _remove_dataset(prefix: str) -> None:
 
 
 def _finished_chunks(output_prefix: str, fingerprint: dict) -> int:
-    """Chunks a previous run finished with the same settings (0 when there is none to resume)."""
-    progress_path = output_prefix + ".progress.json"
-    if not os.path.isfile(progress_path):
-        return 0
-    with open(progress_path) as handle:
-        try:
-            state = json.load(handle)
-        except json.JSONDecodeError:
-            state = {}
-    done = state.get("done_chunks", 0) if state.get("fingerprint") == fingerprint else 0
-    if state.get("fingerprint") != fingerprint:
-        logger.warning("%s was written for other input or settings; starting over", progress_path)
+    """Chunks a previous run finished with the same settings (0 when there is none to resume).
+
+    Parts from the first unusable one on are deleted, so a shorter rerun leaves no stale parts behind.
+    """
+    progress_path, done = output_prefix + ".progress.json", 0
+    if os.path.isfile(progress_path):
+        with open(progress_path) as handle:
+            try:
+                state = json.load(handle)
+            except json.JSONDecodeError:
+                state = {}
+        if state.get("fingerprint") == fingerprint:
+            done = state.get("done_chunks", 0)
+        else:
+            logger.warning("%s was written for other input or settings; starting over", progress_path)
     for k in range(done):
         try:
             IndexedDataset(part_prefix(output_prefix, k)).close()
         except MegahetError as error:
             logger.warning("re-encoding from chunk %d: %s", k, error)
-            return k
+            done = k
+            break
+    k = done
+    while os.path.exists(index_file_path(part_prefix(output_prefix, k))) or os.path.exists(
+            data_file_path(part_prefix(output_prefix, k))):
+        _remove_dataset(part_prefix(output_prefix, k))
+        k += 1
     return done
 
 
@@ -234,5 +243,5 @@ def _merge_parts(output_prefix: str, parts: int, vocab_size: int) -> str:
         _remove_dataset(part_prefix(output_prefix, k))
     with contextlib.suppress(FileNotFoundError):
         os.unlink(output_prefix + ".progress.json")
-    logger.info("wrote %s.bin/.idx from %d chunks", output_prefix, parts)
+    logger.debug("wrote %s.bin/.idx from %d chunks", output_prefix, parts)
     return output_prefix

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from megahet.device import Backend, get_backend
+from megahet.device import Backend, default_backend_name, get_backend
 from megahet.errors import MegahetError
 from megahet.parallel.comm import CommGroup, make_group
 
@@ -126,18 +126,6 @@ def grid_groups(world_size: int, tp: int, pp: int, ep: int) -> Dict[str, List[Li
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return int(value) if value not in (None, "") else default
-
-
-def default_backend_name() -> str:
-    """The best backend available on this machine (accelerators first, CPU last)."""
-    for name in ("cuda", "npu"):
-        try:
-            ok, _ = get_backend(name).is_available()
-        except MegahetError:
-            ok = False
-        if ok:
-            return name
-    return "cpu"
 
 
 def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,

@@ -7,6 +7,7 @@ Pipeline size 1 goes through the same code (a schedule without communication).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -121,7 +122,18 @@ def forward_backward(model_chunks: List[torch.nn.Module], microbatches: List[Dic
         torch.autograd.backward(output_tensor, grad_tensors=output_grad)
         return input_tensor.grad if input_tensor is not None else None
 
-    execute_schedule(actions, forward_step=forward_step, backward_step=backward_step,
+    backend = ctx.backend
+
+    def timed(fn):
+        # A simulated slow device (sim backend) stretches each measured compute chunk here.
+        def run(*args):
+            start = time.perf_counter()
+            out = fn(*args)
+            backend.after_compute(time.perf_counter() - start)
+            return out
+        return run
+
+    execute_schedule(actions, forward_step=timed(forward_step), backward_step=timed(backward_step),
                      p2p=PipelineP2P(ctx.pp_group, ctx.device), tracer=tracer,
                      deallocate_outputs=not forward_only)
     return StepOutput(loss_sum, int(sum(tokens)))

@@ -2,10 +2,10 @@
 import torch
 
 from megahet.config import build_config
-from megahet.models.gpt import GPTModel
 from megahet.parallel.context import build_parallel_context
 from megahet.parallel.grad_sync import allreduce_embedding_grads, allreduce_sequence_parallel_grads
-from megahet.parallel.pipeline import forward_backward, recompute_layers, stage_layer_ranges
+from megahet.parallel.pipeline import forward_backward
+from megahet.training.model_builder import build_model_chunks as _build
 from megahet.parallel.sharding import gather_full
 
 VOCAB = 96
@@ -30,16 +30,7 @@ def microbatches(cfg, n, mbs, seed=3):
 
 
 def build_chunks(cfg, ctx):
-    ranges = stage_layer_ranges(cfg, ctx.pp_rank)
-    rec = recompute_layers(cfg, ranges)
-    chunks = []
-    for c, r in enumerate(ranges):
-        chunks.append(GPTModel(cfg.model, ctx, layer_ids=r, pre_process=ctx.is_first_stage and c == 0,
-                               post_process=ctx.is_last_stage and c == len(ranges) - 1, vocab_size=VOCAB,
-                               padded_vocab_size=-(-VOCAB // (8 * ctx.tp)) * 8 * ctx.tp,
-                               sequence_parallel=cfg.parallel.sequence_parallel, seed=cfg.train.seed,
-                               recompute=cfg.train.recompute_granularity, recompute_layers=rec))
-    return chunks
+    return _build(cfg, ctx, VOCAB, -(-VOCAB // (8 * ctx.tp)) * 8 * ctx.tp)
 
 
 def run_pipeline(world, over, schedule="1f1b", num_mb=4, mbs=2):

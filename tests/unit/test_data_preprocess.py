@@ -60,10 +60,11 @@ def test_interrupted_run_resumes_to_identical_bytes(corpus, tmp_path):
 
 
 def test_changed_settings_start_over(corpus, tmp_path):
-    run(corpus, tmp_path / "o", chunk_docs=64, max_chunks=1)
+    run(corpus, tmp_path / "o", chunk_docs=64, max_chunks=3)
     path, model = corpus
-    preprocess_data(path, str(tmp_path / "o"), "SentencePieceTokenizer", model, append_eod=False, chunk_docs=64)
+    preprocess_data(path, str(tmp_path / "o"), "SentencePieceTokenizer", model, append_eod=False, chunk_docs=200)
     assert IndexedDataset(str(tmp_path / "o"))[0][-1] != 2  # no chunk of the eod run survived
+    assert sorted(os.listdir(tmp_path)) == ["o.bin", "o.idx"]  # nor any stale part
 
 
 def test_workers_give_the_same_output(corpus, tmp_path):

@@ -238,6 +238,7 @@ def _fake_torch_npu() -> types.ModuleType:
     def npu_rotary_mul(x, r1, r2):
         fake.calls.append("npu_rotary_mul")
         assert r1.dtype == x.dtype and r1.shape == (x.shape[0], 1, 1, x.shape[3])
+        assert x.is_contiguous()
         return x * r1 + rotate_half(x) * r2
 
     def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, padding_mask=None,
@@ -247,6 +248,7 @@ def _fake_torch_npu() -> types.ModuleType:
                              gen_mask_parallel=True, sync=False):
         fake.calls.append("npu_fusion_attention")
         assert input_layout == "BSND" and head_num == query.shape[2] and keep_prob == 1.0
+        assert query.is_contiguous() and key.is_contiguous() and value.is_contiguous()
         assert sparse_mode == 2 and atten_mask.dtype == torch.bool and atten_mask.shape == (2048, 2048)
         assert bool(atten_mask[0, 1]) and not bool(atten_mask[1, 0])  # True = masked (future)
         return (ref.causal_attention(query, key, value, scale), None, None, None, 0, 0, 0)

@@ -1,0 +1,95 @@
+"""Cluster spec: which backend every rank runs, with device capabilities and links (YAML).
+
+Ranks are given to groups in the order listed. The planner (a later wave) reads the same file; this
+module only turns it into per-rank backend assignments for the ParallelContext.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import yaml
+
+from megahet.errors import MegahetError
+from megahet.parallel.context import RankSpec
+
+_GROUP_KEYS = {"name", "backend", "devices", "devices_per_node", "tflops", "memory_gb", "speed", "domain"}
+_LINK_KEYS = {"intra_node", "inter_node", "cross_domain"}
+
+
+@dataclass
+class DeviceGroup:
+    name: str
+    backend: str
+    devices: int
+    devices_per_node: Optional[int] = None
+    tflops: Optional[float] = None
+    memory_gb: Optional[float] = None
+    speed: Optional[float] = None  # sim only
+    domain: Optional[str] = None  # sim only: several sim groups may form separate domains
+
+    def backend_options(self) -> Dict:
+        opts: Dict = {}
+        if self.speed is not None:
+            if self.backend != "sim":
+                raise MegahetError(f"cluster group '{self.name}': 'speed' applies to the sim backend only")
+            opts["speed"] = self.speed
+        if self.domain is not None:
+            opts["domain"] = self.domain
+        if self.tflops is not None:
+            opts["peak_tflops"] = self.tflops
+        return opts
+
+
+@dataclass
+class ClusterSpec:
+    groups: List[DeviceGroup]
+    links: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def world_size(self) -> int:
+        return sum(g.devices for g in self.groups)
+
+    def rank_specs(self) -> List[RankSpec]:
+        """Backend of every global rank, in the order the groups are listed."""
+        out: List[RankSpec] = []
+        for g in self.groups:
+            out += [RankSpec(g.backend, g.backend_options()) for _ in range(g.devices)]
+        return out
+
+
+def parse_cluster(raw: dict, source: str = "cluster spec") -> ClusterSpec:
+    if not isinstance(raw, dict) or not isinstance(raw.get("groups"), list) or not raw["groups"]:
+        raise MegahetError(f"{source} needs a non-empty 'groups' list; see the cluster spec in the README")
+    unknown = set(raw) - {"groups", "links"}
+    if unknown:
+        raise MegahetError(f"{source}: unknown top-level key(s) {sorted(unknown)}; allowed: groups, links")
+    groups = []
+    for i, g in enumerate(raw["groups"]):
+        bad = set(g) - _GROUP_KEYS
+        if bad:
+            raise MegahetError(f"{source}: group {i} has unknown key(s) {sorted(bad)}; allowed: {sorted(_GROUP_KEYS)}")
+        if "backend" not in g or "devices" not in g:
+            raise MegahetError(f"{source}: group {i} needs 'backend' and 'devices'")
+        if int(g["devices"]) < 1:
+            raise MegahetError(f"{source}: group {i} must have devices >= 1")
+        groups.append(DeviceGroup(name=str(g.get("name", f"group{i}")), backend=str(g["backend"]),
+                                  devices=int(g["devices"]), devices_per_node=g.get("devices_per_node"),
+                                  tflops=g.get("tflops"), memory_gb=g.get("memory_gb"), speed=g.get("speed"),
+                                  domain=g.get("domain")))
+    links = raw.get("links") or {}
+    bad = set(links) - _LINK_KEYS
+    if bad:
+        raise MegahetError(f"{source}: unknown link key(s) {sorted(bad)}; allowed: {sorted(_LINK_KEYS)}")
+    return ClusterSpec(groups, {k: float(v) for k, v in links.items()})
+
+
+def load_cluster(path: str) -> ClusterSpec:
+    try:
+        with open(path) as fh:
+            raw = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise MegahetError(f"cluster file {path} not found; pass an existing --cluster FILE") from None
+    except yaml.YAMLError as exc:
+        raise MegahetError(f"cluster file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    return parse_cluster(raw, path)

@@ -1,0 +1,210 @@
+"""The pretraining loop: build everything from the config, then step, log, evaluate, save, exit.
+
+Reads like a table of contents on purpose; each step lives in its own module.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from megahet.config import MegahetConfig, validate_world
+from megahet.errors import MegahetError
+from megahet.parallel.context import ParallelContext, build_parallel_context
+from megahet.parallel.pipeline import schedule_name
+from megahet.training import checkpoint as ckpt
+from megahet.training.data_setup import DataSetup, build_data
+from megahet.training.flops import model_flops_utilization, tflops_per_device, transformer_flops_per_token
+from megahet.training.loss_scaler import build_loss_scaler
+from megahet.training.lr_schedule import LRScheduler
+from megahet.training.metrics import MetricsLogger
+from megahet.training.model_builder import build_model_chunks, build_moe_tracker, params_dtype
+from megahet.training.optimizer_setup import build_optimizer
+from megahet.training.train_step import evaluate, replica_microbatches, train_step
+
+log = logging.getLogger("megahet")
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_in_a_row: int = 0
+    skipped_total: int = 0
+
+
+def setup_logging(rank: int) -> None:
+    """Rank 0 logs at INFO to stdout; other ranks only warnings."""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S", force=True,
+                        handlers=[logging.StreamHandler(__import__("sys").stdout)])
+
+
+def seed_everything(ctx: ParallelContext, seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    ctx.backend.manual_seed(seed)
+
+
+def total_train_iters(cfg: MegahetConfig) -> int:
+    t = cfg.train
+    return t.train_iters if t.train_iters is not None else math.ceil(t.train_samples / t.global_batch_size)
+
+
+def build_context(cfg: MegahetConfig) -> ParallelContext:
+    p = cfg.parallel
+    rank_specs = None
+    if cfg.hetero.cluster:
+        from megahet.hetero.cluster import load_cluster
+        rank_specs = load_cluster(cfg.hetero.cluster).rank_specs()
+    return build_parallel_context(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
+                                  ep=p.expert_model_parallel_size, rank_specs=rank_specs,
+                                  backend_name=cfg.hetero.backend, timeout_s=p.distributed_timeout_s)
+
+
+def pretrain(cfg: MegahetConfig) -> dict:
+    """Train as the config says. Returns the last logged metrics (rank 0) for scripts and tests."""
+    ctx = build_context(cfg)
+    setup_logging(ctx.rank)
+    validate_world(cfg, ctx.world_size)
+    seed_everything(ctx, cfg.train.seed)
+    log.info("megahet: %d ranks, tp=%d pp=%d dp=%d ep=%d, backend %s", ctx.world_size, ctx.tp, ctx.pp, ctx.dp,
+             ctx.ep, ctx.backend.name)
+    t, m = cfg.train, cfg.model
+    iters = total_train_iters(cfg)
+    data: DataSetup = build_data(cfg, ctx, iters)
+    tracker = build_moe_tracker(cfg)
+    chunks = build_model_chunks(cfg, ctx, data.vocab_size, data.padded_vocab_size, tracker)
+    scaler = build_loss_scaler(t.fp16, t.loss_scale, t.initial_loss_scale)
+    ddp, optimizer = build_optimizer(cfg, ctx, chunks, scaler)
+    decay = t.lr_decay_iters or iters
+    warmup = t.lr_warmup_iters if t.lr_warmup_fraction is None else int(t.lr_warmup_fraction * decay)
+    scheduler = LRScheduler(optimizer, t.lr, t.min_lr, warmup, decay, t.lr_decay_style)
+    state = TrainState()
+    if cfg.checkpoint.save:
+        ckpt.check_writable(cfg.checkpoint.save)
+    if cfg.checkpoint.load:
+        resume(cfg, ctx, chunks, optimizer, scheduler, scaler, state, data.vocab_size)
+    dp_sizes = [t.global_batch_size // ctx.dp] * ctx.dp
+    schedule = schedule_name(cfg, dp_sizes[ctx.dp_rank] // t.micro_batch_size)
+    flops_per_token = transformer_flops_per_token(
+        m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups, m.seq_length,
+        data.vocab_size, m.swiglu, m.num_experts, m.moe_router_topk, m.moe_ffn_hidden_size,
+        m.moe_shared_expert_intermediate_size, m.moe_layer_freq)
+    peak = torch.tensor([ctx.backend.peak_flops(params_dtype(cfg))], dtype=torch.float64)
+    ctx.world_group.all_reduce(peak)  # MFU against the sum of every device's peak (mixed hardware)
+    logger = MetricsLogger(ctx.rank, ctx.rank == 0, cfg.logging.metrics_file, cfg.logging.wandb_project,
+                           cfg.logging.wandb_exp_name, cfg.logging.wandb_save_dir, cfg.logging.tensorboard_dir,
+                           cfg.to_dict(), train_iters=iters, moe=bool(m.num_experts))
+    start_time = time.time()
+    last: dict = {}
+    window = {"time": 0.0, "steps": 0, "tokens": 0}
+    try:
+        while state.iteration < iters:
+            mbs = replica_microbatches(data.train, state.consumed_samples, t.global_batch_size, dp_sizes,
+                                       ctx.dp_rank, t.micro_batch_size)
+            result = train_step(chunks, ddp, optimizer, ctx, mbs, schedule=schedule, loss_scaler=scaler,
+                                moe_tracker=tracker)
+            state.iteration += 1
+            state.consumed_samples += t.global_batch_size
+            window["time"] += result.step_time_s
+            window["steps"] += 1
+            window["tokens"] += t.global_batch_size * m.seq_length
+            if result.ok:
+                scheduler.step()
+                state.skipped_in_a_row = 0
+            else:
+                state.skipped_in_a_row += 1
+                state.skipped_total += 1
+                log.warning("iteration %d: loss or gradients are NaN/Inf (loss %s); update skipped",
+                            state.iteration, result.loss)
+                if state.skipped_in_a_row >= t.max_skipped_steps:
+                    raise MegahetError(f"{state.skipped_in_a_row} consecutive steps had NaN/Inf loss or gradients "
+                                       f"(--max-skipped-steps {t.max_skipped_steps}); lower --lr or raise "
+                                       f"--clip-grad and resume from the last checkpoint")
+            if state.iteration % cfg.logging.log_interval == 0 or state.iteration == iters:
+                step_time = window["time"] / max(window["steps"], 1)
+                tokens_per_s = window["tokens"] / max(window["time"], 1e-9)
+                values = {
+                    "iteration": state.iteration, "loss": result.loss, "lr": scheduler.lr,
+                    "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s, "step_time_s": step_time,
+                    "consumed_samples": state.consumed_samples,
+                    "tflops_per_device": tflops_per_device(flops_per_token, tokens_per_s, ctx.world_size),
+                    "mfu": model_flops_utilization(flops_per_token, tokens_per_s, float(peak)),
+                    "skipped_iters": state.skipped_total, "loss_scale": scaler.scale,
+                    "elapsed_s": time.time() - start_time,
+                }
+                mem = ctx.backend.memory_stats(ctx.device)
+                values["mem_allocated_gb"], values["mem_peak_gb"] = mem.get("allocated_gb"), mem.get("peak_gb")
+                if tracker is not None:
+                    values.update(tracker.report(ctx))
+                logger.log(state.iteration, values)
+                last = values
+                window = {"time": 0.0, "steps": 0, "tokens": 0}
+            if data.valid is not None and t.eval_interval and state.iteration % t.eval_interval == 0:
+                vloss = evaluate(chunks, ctx, data.valid, eval_iters=t.eval_iters, global_batch_size=t.global_batch_size,
+                                 replica_sizes=dp_sizes, micro_batch_size=t.micro_batch_size)
+                logger.log(state.iteration, {"iteration": state.iteration, "valid_loss": vloss,
+                                             "valid_ppl": math.exp(min(vloss, 50.0))})
+                last["valid_loss"] = vloss
+            should_exit = exit_requested(cfg, ctx, state, start_time)
+            save_now = cfg.checkpoint.save and (
+                (cfg.checkpoint.save_interval and state.iteration % cfg.checkpoint.save_interval == 0)
+                or state.iteration == iters or should_exit)
+            if save_now:
+                save(cfg, ctx, chunks, optimizer, scheduler, scaler, state, data.vocab_size)
+            if should_exit:
+                log.info("exiting at iteration %d as requested", state.iteration)
+                break
+    finally:
+        logger.close()
+    return last
+
+
+def exit_requested(cfg: MegahetConfig, ctx: ParallelContext, state: TrainState, start_time: float) -> bool:
+    """--exit-interval / --exit-duration-in-mins; rank 0's clock decides for everyone."""
+    t = cfg.train
+    if t.exit_interval and state.iteration % t.exit_interval == 0:
+        return True
+    if t.exit_duration_in_mins is None:
+        return False
+    flag = torch.tensor([1.0 if (time.time() - start_time) / 60.0 > t.exit_duration_in_mins else 0.0])
+    ctx.world_group.broadcast(flag, 0)
+    return bool(flag.item())
+
+
+def _meta(cfg: MegahetConfig, state: TrainState, scheduler, scaler) -> dict:
+    return {"consumed_samples": state.consumed_samples, "skipped_total": state.skipped_total,
+            "scheduler": scheduler.state_dict(), "loss_scaler": scaler.state_dict(),
+            "config": cfg.to_dict()}
+
+
+def save(cfg, ctx, chunks, optimizer, scheduler, scaler, state: TrainState, vocab_size: int) -> None:
+    ckpt.save_checkpoint(cfg.checkpoint.save, state.iteration, chunks, optimizer, ctx, vocab_size=vocab_size,
+                         meta=_meta(cfg, state, scheduler, scaler), keep_last=cfg.checkpoint.keep_last)
+
+
+def resume(cfg, ctx, chunks, optimizer, scheduler, scaler, state: TrainState, vocab_size: int) -> Optional[dict]:
+    """Restore model, optimizer, schedule and data position from the latest checkpoint under --load."""
+    finetune = cfg.checkpoint.finetune
+    if not os.path.isdir(cfg.checkpoint.load):
+        raise MegahetError(f"--load {cfg.checkpoint.load} does not exist; pass a checkpoint directory written by --save")
+    meta = ckpt.load_checkpoint(cfg.checkpoint.load, chunks, optimizer, ctx, vocab_size=vocab_size,
+                                load_optimizer=not finetune)
+    if meta is None:
+        log.warning("no checkpoint under %s yet; starting from scratch", cfg.checkpoint.load)
+        return None
+    if not finetune:
+        state.iteration = int(meta["iteration"])
+        state.consumed_samples = int(meta["consumed_samples"])
+        state.skipped_total = int(meta.get("skipped_total", 0))
+        scheduler.load_state_dict(meta["scheduler"])
+        scaler.load_state_dict(meta["loss_scaler"])
+    return meta
