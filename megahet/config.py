@@ -461,3 +461,13 @@ def validate_world(cfg: MegahetConfig, world_size: int) -> None:
     if t.global_batch_size % (t.micro_batch_size * dp):
         _err(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size {t.micro_batch_size} "
              f"x data-parallel size {dp}; use a multiple of {t.micro_batch_size * dp}")
+
+
+def config_from_dict(tree: dict, validate: bool = False) -> MegahetConfig:
+    """Rebuild a config from `MegahetConfig.to_dict()` (as stored in checkpoints)."""
+    flat = {}
+    for section, fields in tree.items():
+        if section not in SECTIONS:
+            raise MegahetError(f"unknown config section '{section}'")
+        flat.update(fields)
+    return build_config(overrides=flat, validate=validate)

@@ -1,0 +1,235 @@
+"""AdamW on fp32 master weights, with loss-scale unscaling, a job-wide skip on inf/nan and clipping.
+
+Every trainable parameter (bf16, fp16 or fp32) gets a separate fp32 master copy: one code path for
+every dtype, and the model's params are only ever written by casting the masters back. Gradients are
+the data-parallel buffers' fp32 `main_grad` (megahet.parallel.data_parallel), already summed over
+replicas. Weight decay follows Megatron: none for biases and 1-D params (norms), decay for the rest,
+embeddings included.
+
+Checkpoints are layout-independent: `state_by_name` returns full (unsharded) fp32 tensors keyed by
+`param.global_name`, and `load_state_by_name` slices them for whatever layout loads them.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from megahet.errors import MegahetError
+from megahet.parallel.sharding import gather_param_full, shard_param_full
+from megahet.training.grad_norm import clip_grads, found_inf, global_grad_norm
+from megahet.training.loss_scaler import ConstantLossScaler
+
+log = logging.getLogger("megahet")
+
+STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did. `grad_norm` is NaN when the step was skipped."""
+    ok: bool
+    grad_norm: float
+    found_inf: bool
+    num_zeros: Optional[int] = None  # not counted (reserved for --log-num-zeros-in-grad)
+
+
+@dataclass
+class Piece:
+    """The part of one param this rank optimises: elements [lo, hi) of the flattened param.
+
+    master and grad are fp32; for the non-sharded optimizer they cover the whole param (param's shape).
+    """
+    param: nn.Parameter
+    master: torch.Tensor
+    grad: torch.Tensor
+    lo: int
+    hi: int
+
+
+def gather_full_param(tensor: torch.Tensor, like_param: torch.Tensor, ctx) -> torch.Tensor:
+    """Full (unsharded) tensor of a param-shaped `tensor`: gathered over TP (tp_dim) and, for experts, EP (ep_dim)."""
+    return gather_param_full(tensor, like_param, ctx)
+
+
+def no_weight_decay(param: torch.Tensor) -> bool:
+    """Megatron's rule: biases and 1-D params (norm weights) are not decayed."""
+    return param.ndim == 1 or getattr(param, "global_name", "").endswith(".bias")
+
+
+def _check_hyperparameters(lr, weight_decay, betas, eps, clip_grad) -> None:
+    if not (math.isfinite(lr) and lr >= 0):
+        raise MegahetError(f"--lr {lr} must be a finite number >= 0")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise MegahetError(f"--weight-decay {weight_decay} must be a finite number >= 0")
+    for flag, beta in zip(("--adam-beta1", "--adam-beta2"), betas):
+        if not 0 <= beta < 1:
+            raise MegahetError(f"{flag} {beta} must be in [0, 1)")
+    if not eps > 0:
+        raise MegahetError(f"--adam-eps {eps} must be > 0")
+    if not (math.isfinite(clip_grad) and clip_grad >= 0):
+        raise MegahetError(f"--clip-grad {clip_grad} must be a finite number >= 0 (0 turns clipping off)")
+
+
+class MixedPrecisionOptimizer:
+    """AdamW over fp32 masters of this rank's params; grads come from `ddp` (all-reduced main_grad).
+
+    Args:
+        model_chunks: this rank's model chunks (the same list given to DataParallel).
+        ddp: the DataParallel that owns the gradient buffers.
+        ctx: parallel context (the world group takes the norm and found-inf reductions).
+        lr: initial learning rate (an LRScheduler then sets `param_groups[i]["lr"]` each step).
+        weight_decay, betas, eps: AdamW hyperparameters.
+        clip_grad: clip the global gradient norm to this (0: off).
+        params_dtype: the model's parameter dtype (masters are fp32 whatever it is).
+        loss_scaler: Constant/DynamicLossScaler; the backward loss was multiplied by its scale.
+    """
+
+    sharded_over_dp = False
+
+    def __init__(self, model_chunks: Sequence[nn.Module], ddp, ctx, *, lr: float, weight_decay: float = 0.0,
+                 betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, clip_grad: float = 0.0,
+                 params_dtype: torch.dtype = torch.float32, loss_scaler=None):
+        _check_hyperparameters(lr, weight_decay, betas, eps, clip_grad)
+        self.ctx, self.ddp = ctx, ddp
+        self.clip_grad = float(clip_grad)
+        self.params_dtype = params_dtype
+        self.loss_scaler = loss_scaler if loss_scaler is not None else ConstantLossScaler(1.0)
+        if params_dtype == torch.float16 and self.loss_scaler.scale == 1.0 and not self.loss_scaler.dynamic:
+            log.warning("fp16 parameters without loss scaling: small gradients will underflow")
+        in_chunks = {id(p) for chunk in model_chunks for p in chunk.parameters() if p.requires_grad}
+        missing = in_chunks - {id(p) for p in ddp.params}
+        if missing:
+            raise ValueError(f"{len(missing)} trainable params have no gradient buffer: build DataParallel "
+                             f"over the same model chunks as the optimizer")
+        self.params: List[nn.Parameter] = list(ddp.params)  # the buffers' order: the same on every rank
+        self.num_steps = 0  # successful (not skipped) steps
+        self.pieces: List[Piece] = self._build_pieces()
+        decay = [pc.master for pc in self.pieces if not no_weight_decay(pc.param)]
+        no_decay = [pc.master for pc in self.pieces if no_weight_decay(pc.param)]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # A rank that owns nothing still needs a valid torch optimizer (and two groups for the scheduler).
+        for g in groups:
+            if not g["params"]:
+                g["params"] = [torch.zeros(0, dtype=torch.float32, device=ctx.device)]
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+
+    # ------------------------------------------------------------------ layout (overridden by ZeRO-1)
+    def _build_pieces(self) -> List[Piece]:
+        out = []
+        for p in self.params:
+            master = p.detach().clone().float()  # fp32 copy, even of fp32 params
+            out.append(Piece(p, master, p.main_grad, 0, p.numel()))
+        return out
+
+    @torch.no_grad()
+    def _copy_masters_to_params(self) -> None:
+        for pc in self.pieces:
+            pc.param.copy_(pc.master)  # cast to the param dtype
+
+    def _local_state(self) -> Dict[int, Dict[str, torch.Tensor]]:
+        """id(param) -> this rank's (TP/EP-sharded, DP-complete) fp32 master and Adam state, param-shaped."""
+        return {id(pc.param): {k: self._state_of(pc, k) for k in STATE_KEYS} for pc in self.pieces}
+
+    @torch.no_grad()
+    def _load_local_state(self, local: Dict[int, Dict[str, torch.Tensor]]) -> None:
+        for pc in self.pieces:
+            self._set_piece_state(pc, {k: v.reshape(-1)[pc.lo:pc.hi] for k, v in local[id(pc.param)].items()})
+
+    # ------------------------------------------------------------------ shared
+    def _state_of(self, pc: Piece, key: str) -> torch.Tensor:
+        if key == "master":
+            return pc.master
+        st = self.optimizer.state.get(pc.master, {})
+        return st[key] if key in st else torch.zeros_like(pc.master)
+
+    def _set_piece_state(self, pc: Piece, flat: Dict[str, torch.Tensor]) -> None:
+        """Set a piece's master and Adam state from flat fp32 slices of its elements [lo, hi)."""
+        pc.master.copy_(flat["master"].view_as(pc.master))
+        self.optimizer.state[pc.master] = {
+            "step": torch.tensor(float(self.num_steps), dtype=torch.float32),
+            "exp_avg": flat["exp_avg"].reshape(pc.master.shape).to(pc.master).clone(),
+            "exp_avg_sq": flat["exp_avg_sq"].reshape(pc.master.shape).to(pc.master).clone()}
+
+    @property
+    def param_groups(self) -> list:
+        """The torch optimizer's groups (LRScheduler sets their "lr")."""
+        return self.optimizer.param_groups
+
+    def zero_grad(self) -> None:
+        self.ddp.zero_grad()
+
+    @torch.no_grad()
+    def step(self) -> StepResult:
+        """Unscale, skip everywhere on inf/nan, clip by the global norm, AdamW, write params back.
+
+        Call after `ddp.finish_grad_sync()`.
+        """
+        grads = [pc.grad for pc in self.pieces]
+        scale = float(self.loss_scaler.scale)
+        if scale != 1.0:
+            for g in grads:
+                g.mul_(1.0 / scale)
+        if found_inf(grads, self.ctx):
+            self.loss_scaler.update(True)
+            return StepResult(ok=False, grad_norm=float("nan"), found_inf=True)
+        self.loss_scaler.update(False)
+        norm = global_grad_norm([pc.param for pc in self.pieces], self.ctx, grads, self.sharded_over_dp)
+        if self.clip_grad > 0:
+            clip_grads(grads, self.clip_grad, norm)
+        for pc in self.pieces:
+            pc.master.grad = pc.grad
+        self.optimizer.step()
+        for pc in self.pieces:
+            pc.master.grad = None
+        self.num_steps += 1
+        self._copy_masters_to_params()
+        return StepResult(ok=True, grad_norm=norm, found_inf=False)
+
+    # ------------------------------------------------------------------ checkpoints
+    @torch.no_grad()
+    def state_by_name(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """Full fp32 master and Adam state of every param this rank holds, keyed by global name.
+
+        Each value is {"master", "exp_avg", "exp_avg_sq"} (full unsharded tensors; zeros before the
+        first step) plus "step" (scalar tensor: successful steps so far). A collective: every rank of
+        the job calls it. A tied embedding's two copies (first and last stage) carry identical state.
+        """
+        local = self._local_state()
+        out: Dict[str, Dict[str, torch.Tensor]] = {}
+        step = torch.tensor(float(self.num_steps))
+        for p in self.params:
+            full = {k: gather_full_param(v, p, self.ctx).detach().float().clone() for k, v in local[id(p)].items()}
+            full["step"] = step.clone()
+            out[p.global_name] = full
+        return out
+
+    @torch.no_grad()
+    def load_state_by_name(self, states: Dict[str, Dict[str, torch.Tensor]]) -> None:
+        """Load full tensors written by `state_by_name` (any layout); also sets the model params."""
+        local: Dict[int, Dict[str, torch.Tensor]] = {}
+        steps = set()
+        for p in self.params:
+            name = p.global_name
+            if name not in states:
+                raise MegahetError(f"the checkpoint has no optimizer state for {name}; load a checkpoint of "
+                                   f"the same model architecture (or do not load optimizer state)")
+            st = states[name]
+            local[id(p)] = {}
+            for k in STATE_KEYS:
+                piece = shard_param_full(st[k].to(device=p.device, dtype=torch.float32), p, self.ctx)
+                if tuple(piece.shape) != tuple(p.shape):
+                    raise MegahetError(f"optimizer state {k} of {name} has full shape {tuple(st[k].shape)}, "
+                                       f"which does not fit this model's {tuple(p.shape)} shard; check --load "
+                                       f"matches the model flags")
+                local[id(p)][k] = piece
+            steps.add(int(float(st["step"])))
+        if len(steps) > 1:
+            raise MegahetError(f"the checkpoint's optimizer state mixes step counts {sorted(steps)}; it is corrupt")
+        self.num_steps = steps.pop() if steps else 0
+        self._load_local_state(local)
+        self._copy_masters_to_params()
