@@ -286,7 +286,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
             flag = "--" + f.name.replace("_", "-")
             meta = f.metadata
             base = _base_type(hints[f.name])
-            kw: dict = {"default": None, "dest": f.name, "help": meta.get("help", "")}
+            kw: dict = {"default": None, "dest": f.name, "help": meta.get("help", "").replace("%", "%%")}
             if meta.get("kind") == "strlist":
                 kw["nargs"] = "+"
             elif base is bool:

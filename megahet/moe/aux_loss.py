@@ -11,6 +11,10 @@ from __future__ import annotations
 import torch
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def load_balancing_loss(aux_scores: torch.Tensor, tokens_per_expert: torch.Tensor, num_tokens: int,
                         topk: int) -> torch.Tensor:
     """Switch / Megatron load-balancing loss E * sum_e f_e * P_e, without its coefficient.
@@ -21,7 +25,7 @@ def load_balancing_loss(aux_scores: torch.Tensor, tokens_per_expert: torch.Tenso
     the loss. 1.0 means perfectly balanced.
     """
     num_experts = aux_scores.shape[-1]
-    prob_sum = aux_scores.float().sum(dim=0)  # [E]
+    prob_sum = _at_least_fp32(aux_scores).sum(dim=0)  # [E]
     f = tokens_per_expert.to(prob_sum) / (num_tokens * topk)  # [E]
     return num_experts * torch.sum(f * prob_sum) / num_tokens
 
@@ -31,7 +35,7 @@ def z_loss(logits: torch.Tensor, num_tokens: int) -> torch.Tensor:
 
     `logits` [n, E] may be a shard of the tokens, as for `load_balancing_loss`.
     """
-    return torch.logsumexp(logits.float(), dim=-1).square().sum() / num_tokens
+    return torch.logsumexp(_at_least_fp32(logits), dim=-1).square().sum() / num_tokens
 
 
 class AuxLossAutoScaler(torch.autograd.Function):
