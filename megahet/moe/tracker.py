@@ -43,6 +43,15 @@ class MoETracker:
         self.layers: Dict[int, torch.nn.Module] = {}  # global id -> MoELayer on this rank
         self.reset()
 
+    @classmethod
+    def from_config(cls, cfg) -> Optional["MoETracker"]:
+        """The tracker for a ModelConfig's MoE layers (None for a dense model)."""
+        if not cfg.num_experts:
+            return None
+        from megahet.models.transformer import is_moe_layer  # the model decides which layers are MoE
+        ids = [i for i in range(cfg.num_layers) if is_moe_layer(cfg, i)]
+        return cls(cfg.num_layers, ids, cfg.num_experts)
+
     def register(self, layer_number: int, layer: torch.nn.Module) -> None:
         """Called by each MoELayer at construction."""
         if layer_number not in self._slot:

@@ -14,6 +14,7 @@ _FIELDS = (
     ("mfu", "MFU", lambda v: f"{v * 100.0:.1f}%"),
     ("lr", "learning rate", lambda v: f"{v:.3E}"),
     ("loss", "lm loss", lambda v: f"{v:.4E}"),
+    ("valid_loss", "validation loss", lambda v: f"{v:.4E}"),
     ("moe_aux_loss", "moe aux loss", lambda v: f"{v:.4E}"),
     ("moe_z_loss", "moe z loss", lambda v: f"{v:.4E}"),
     ("loss_scale", "loss scale", lambda v: f"{v:.1f}"),

@@ -164,6 +164,15 @@ class MixedPrecisionOptimizer:
         self.ddp.zero_grad()
 
     @torch.no_grad()
+    def reload_model_params(self) -> None:
+        """Refresh the fp32 masters from the model params (after loading weights without optimizer state).
+
+        Adam state is kept. Without this, the next step would write the stale masters back.
+        """
+        for pc in self.pieces:
+            pc.master.copy_(pc.param.detach().reshape(-1)[pc.lo:pc.hi].view_as(pc.master))
+
+    @torch.no_grad()
     def step(self) -> StepResult:
         """Unscale, skip everywhere on inf/nan, clip by the global norm, AdamW, write params back.
 

@@ -129,7 +129,12 @@ def pretrain(cfg: MegahetConfig) -> dict:
                     raise MegahetError(f"{state.skipped_in_a_row} consecutive steps had NaN/Inf loss or gradients "
                                        f"(--max-skipped-steps {t.max_skipped_steps}); lower --lr or raise "
                                        f"--clip-grad and resume from the last checkpoint")
-            if state.iteration % cfg.logging.log_interval == 0 or state.iteration == iters:
+            evaluated = {}
+            if data.valid is not None and t.eval_interval and state.iteration % t.eval_interval == 0:
+                vloss = evaluate(chunks, ctx, data.valid, eval_iters=t.eval_iters, global_batch_size=t.global_batch_size,
+                                 replica_sizes=dp_sizes, micro_batch_size=t.micro_batch_size)
+                evaluated = {"valid_loss": vloss, "valid_ppl": math.exp(min(vloss, 50.0))}
+            if state.iteration % cfg.logging.log_interval == 0 or state.iteration == iters or evaluated:
                 step_time = window["time"] / max(window["steps"], 1)
                 tokens_per_s = window["tokens"] / max(window["time"], 1e-9)
                 values = {
@@ -145,15 +150,10 @@ def pretrain(cfg: MegahetConfig) -> dict:
                 values["mem_allocated_gb"], values["mem_peak_gb"] = mem.get("allocated_gb"), mem.get("peak_gb")
                 if tracker is not None:
                     values.update(tracker.report(ctx))
+                values.update(evaluated)
                 logger.log(state.iteration, values)
                 last = values
                 window = {"time": 0.0, "steps": 0, "tokens": 0}
-            if data.valid is not None and t.eval_interval and state.iteration % t.eval_interval == 0:
-                vloss = evaluate(chunks, ctx, data.valid, eval_iters=t.eval_iters, global_batch_size=t.global_batch_size,
-                                 replica_sizes=dp_sizes, micro_batch_size=t.micro_batch_size)
-                logger.log(state.iteration, {"iteration": state.iteration, "valid_loss": vloss,
-                                             "valid_ppl": math.exp(min(vloss, 50.0))})
-                last["valid_loss"] = vloss
             should_exit = exit_requested(cfg, ctx, state, start_time)
             save_now = cfg.checkpoint.save and (
                 (cfg.checkpoint.save_interval and state.iteration % cfg.checkpoint.save_interval == 0)

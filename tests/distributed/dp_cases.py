@@ -72,7 +72,7 @@ def run_case(dp=1, tp=1, sp=False, split=None, dist_opt=False, overlap=False, bu
                        use_distributed_optimizer=dist_opt)
     scaler = (DynamicLossScaler(initial_scale=loss_scale, hysteresis=1) if loss_scale else ConstantLossScaler(1.0))
     cls = DistributedOptimizer if dist_opt else MixedPrecisionOptimizer
-    opt = cls([model], ddp, ctx, lr=lr, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, clip_grad=clip_grad,
+    opt = cls([model], ddp, ctx, lr=lr, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-5, clip_grad=clip_grad,
               params_dtype=params_dtype, loss_scaler=scaler)
     if load_state is not None:
         opt.load_state_by_name(load_state)
@@ -81,7 +81,7 @@ def run_case(dp=1, tp=1, sp=False, split=None, dist_opt=False, overlap=False, bu
     mine = range(first, first + split[ctx.dp_rank])
 
     res = {"losses": [], "grad_norms": [], "ok": [], "scales": [], "params": [full_params(model, ctx)],
-           "state": None, "dtypes": None}
+           "state": None, "dtypes": None, "launched_in_backward": []}
     for i, b in enumerate(batches):
         tokens, labels, mask = global_batch(b)
         global_tokens = ctx.dp_group.all_reduce(mask[list(mine)].sum().reshape(1))  # the contract: one dp all-reduce
@@ -95,6 +95,7 @@ def run_case(dp=1, tp=1, sp=False, split=None, dist_opt=False, overlap=False, bu
             loss = (losses * mask[s:s + 1]).sum() / global_tokens
             (loss * scale).backward()
             loss_sum += loss.detach().reshape(1)
+        res["launched_in_backward"].append(sum(b.launched for buf in ddp.buffers for b in buf.buckets))
         ddp.finish_grad_sync()
         if nan_at == i and ctx.rank == 1:
             for buffer in ddp.buffers:
@@ -109,4 +110,44 @@ def run_case(dp=1, tp=1, sp=False, split=None, dist_opt=False, overlap=False, bu
             res["state"] = _strip_padding(opt.state_by_name())
     res["dtypes"] = {"param": str(next(model.parameters()).dtype), "main_grad": str(ddp.params[0].main_grad.dtype),
                      "master": str(opt.pieces[0].master.dtype), "buckets": sum(len(b.buckets) for b in ddp.buffers)}
+    return res
+
+
+def run_pipeline_case(pp=1, dp=1, vpp_layers=None, dist_opt=False, overlap=False, bucket_size=4_000_000,
+                      batches=(0, 1, 2), ep=1, over=None):
+    """Whole training steps (pipeline schedule, grad sync, optimizer) through megahet.training.
+
+    4 layers, tied embeddings: with pp > 1 the embedding lives on the first and the last stage. Every
+    rank returns its losses, grad norms and the full params it holds after the last step.
+    """
+    from megahet.parallel.pipeline import schedule_name
+    from megahet.training.optimizer_setup import build_optimizer
+    from megahet.training.model_builder import build_model_chunks
+    from megahet.training.train_step import train_step
+
+    cfg = build_config(overrides=dict(
+        num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2, seq_length=SEQ,
+        vocab_size=VOCAB, tokenizer_type="NullTokenizer", mock_data=True, train_iters=1,
+        make_vocab_size_divisible_by=8, pipeline_model_parallel_size=pp,
+        num_layers_per_virtual_pipeline_stage=vpp_layers, use_distributed_optimizer=dist_opt,
+        overlap_grad_reduce=overlap, ddp_bucket_size=bucket_size, lr=1e-2, weight_decay=0.1,
+        adam_beta2=0.95, adam_eps=1e-5, clip_grad=0.5, micro_batch_size=1, global_batch_size=GLOBAL_BATCH,
+        expert_model_parallel_size=ep, **(over or {})))
+    ctx = build_parallel_context(pp=pp, ep=ep, backend_name="cpu", timeout_s=60)
+    assert ctx.dp == dp
+    chunks = build_model_chunks(cfg, ctx, VOCAB, -(-VOCAB // 8) * 8)
+    ddp, opt = build_optimizer(cfg, ctx, chunks, ConstantLossScaler(1.0))
+    per = GLOBAL_BATCH // dp
+    res = {"losses": [], "grad_norms": [], "ok": [], "buckets": sum(len(b.buckets) for b in ddp.buffers)}
+    for b in batches:
+        tokens, labels, mask = global_batch(b)
+        mbs = [{"tokens": tokens[s:s + 1], "labels": labels[s:s + 1], "loss_mask": mask[s:s + 1]}
+               for s in range(ctx.dp_rank * per, (ctx.dp_rank + 1) * per)]
+        out = train_step(chunks, ddp, opt, ctx, mbs, schedule=schedule_name(cfg, len(mbs)))
+        res["losses"].append(out.loss)
+        res["grad_norms"].append(out.grad_norm)
+        res["ok"].append(out.ok)
+    res["params"] = {}
+    for chunk in chunks:
+        res["params"].update(full_params(chunk, ctx))
     return res

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from megahet.testing import run_distributed
-from tests.distributed.dp_cases import run_case
+from tests.distributed.dp_cases import run_case, run_pipeline_case
 
-ATOL = 2e-5  # summation order differs between layouts; Adam steps are ~1e-2
+ATOL = 2e-5  # summation order differs between layouts; Adam steps are ~1e-2 (eps 1e-5 keeps tiny grads linear)
 
 
 @pytest.fixture(scope="module")
@@ -21,17 +21,22 @@ def reference():
     return run_distributed(run_case, 1, batches=(0, 1, 2, 3), snapshot_at=3, timeout=60)[0]
 
 
+@pytest.fixture(scope="module")
+def dp2_even():
+    return run_distributed(run_case, 2, dp=2, timeout=90)
+
+
 def _assert_params(got, want, atol=ATOL, rtol=0.0):
     assert set(got) == set(want)
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=atol, rtol=rtol, msg=name)
 
 
-def _assert_matches(ref, results, steps=3, atol=ATOL):
+def _assert_matches(ref, results, steps=3, atol=ATOL, rel=1e-5):
     for r in results:
         assert r["ok"] == [True] * steps
-        assert r["losses"] == pytest.approx(ref["losses"][:steps], rel=1e-5)
-        assert r["grad_norms"] == pytest.approx(ref["grad_norms"][:steps], rel=1e-5)
+        assert r["losses"] == pytest.approx(ref["losses"][:steps], rel=rel)
+        assert r["grad_norms"] == pytest.approx(ref["grad_norms"][:steps], rel=rel)
         for i in range(steps + 1):
             _assert_params(r["params"][i], ref["params"][i], atol=atol)
     # Replicas hold bit-identical weights (the all-reduce / all-gather leaves no drift).
@@ -48,16 +53,22 @@ def test_reference_moves_and_clips(reference):
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(),
+    None,
     dict(dist_opt=True),
     dict(overlap=True, bucket_size=2000),
     dict(overlap=True, bucket_size=2000, dist_opt=True),
 ], ids=["allreduce", "distopt", "overlap", "overlap-distopt"])
-def test_dp2_matches_single_process(reference, kwargs):
-    results = run_distributed(run_case, 2, dp=2, timeout=90, **kwargs)
+def test_dp2_matches_single_process(reference, dp2_even, kwargs):
+    results = dp2_even if kwargs is None else run_distributed(run_case, 2, dp=2, timeout=90, **kwargs)
+    kwargs = kwargs or {}
     _assert_matches(reference, results)
+    buckets = results[0]["dtypes"]["buckets"]
     if kwargs.get("overlap"):
-        assert results[0]["dtypes"]["buckets"] > 3  # several buckets really reduced during backward
+        assert buckets > 3
+        # Every bucket started reducing inside backward (hooks), none waited for finish_grad_sync.
+        assert all(r["launched_in_backward"] == [buckets] * 3 for r in results)
+    else:
+        assert all(r["launched_in_backward"] == [0] * 3 for r in results)
 
 
 def test_dp2_tp2_sequence_parallel_distributed_optimizer(reference):
@@ -65,11 +76,11 @@ def test_dp2_tp2_sequence_parallel_distributed_optimizer(reference):
     _assert_matches(reference, results)
 
 
-def test_uneven_split_gives_the_even_update(reference):
+def test_uneven_split_gives_the_even_update(reference, dp2_even):
     uneven = run_distributed(run_case, 2, dp=2, split=[3, 1], timeout=90)
-    even = run_distributed(run_case, 2, dp=2, split=[2, 2], timeout=90)
     _assert_matches(reference, uneven)
-    _assert_params(uneven[0]["params"][-1], even[0]["params"][-1])
+    for i in range(1, 4):
+        _assert_params(uneven[0]["params"][i], dp2_even[0]["params"][i])
 
 
 def test_bf16_params_track_fp32(reference):
@@ -80,7 +91,11 @@ def test_bf16_params_track_fp32(reference):
     assert r["ok"] == [True] * 3
     assert r["losses"] == pytest.approx(reference["losses"][:3], abs=3e-2)
     assert r["grad_norms"] == pytest.approx(reference["grad_norms"][:3], rel=5e-2)
-    _assert_params(r["params"][-1], reference["params"][3], atol=2e-2, rtol=2e-2)
+    for name, want in reference["params"][3].items():
+        # bf16 compute and rounding (ulp 2^-8 relative) move each tensor's 3-step update by a few percent.
+        ref_update = want - reference["params"][0][name]
+        err = (r["params"][-1][name] - want).norm() / ref_update.norm()
+        assert err < 0.25, (name, float(err))
     _assert_params(results[1]["params"][-1], r["params"][-1], atol=0)
 
 
@@ -119,3 +134,20 @@ def test_distributed_optimizer_state_is_layout_independent(reference):
     resumed = run_distributed(run_case, 1, batches=(3,), load_state=full, timeout=60)[0]
     _assert_params(resumed["params"][0], dp2[0]["params"][3], atol=0)
     _assert_params(resumed["params"][-1], dp2[0]["params"][4])
+
+
+def test_pipeline_interleaved_tied_embedding_distopt_overlap():
+    # The tied embedding lives on both end stages: its bucket must shard alike there, its norm count once.
+    ref = run_distributed(run_pipeline_case, 1, timeout=60)[0]
+    results = run_distributed(run_pipeline_case, 4, pp=2, dp=2, vpp_layers=1, dist_opt=True, overlap=True,
+                              bucket_size=2000, timeout=120)
+    assert ref["ok"] == [True] * 3 and all(r["ok"] == [True] * 3 for r in results)
+    merged = {}
+    for r in results:
+        assert r["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+        assert r["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-5)
+        for name, w in r["params"].items():
+            if name in merged:  # another replica, or the last stage's copy of the tied embedding
+                torch.testing.assert_close(w, merged[name], atol=0, rtol=0, msg=name)
+            merged[name] = w
+    _assert_params(merged, ref["params"])
