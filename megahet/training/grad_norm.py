@@ -50,24 +50,22 @@ def global_grad_norm(params: Sequence[torch.Tensor], ctx, grads: Optional[Sequen
         sharded_over_dp: grads are data-parallel shards (distributed optimizer): count every rank's.
     """
     group = ctx.world_group
-    total = torch.zeros(1, dtype=torch.float32, device=group.device)  # [1] sum of squares
-    for p, g in _pairs(params, grads):
-        if g is None or g.numel() == 0 or not counted_here(p, ctx, sharded_over_dp):
-            continue
-        sq = torch.linalg.vector_norm(g, dtype=torch.float32).square()
-        total += sq.to(total.device)
-    group.all_reduce(total)  # the one job-wide reduction
+    squares = [torch.linalg.vector_norm(g, dtype=torch.float32).square().reshape(1)
+               for p, g in _pairs(params, grads)
+               if g is not None and g.numel() and counted_here(p, ctx, sharded_over_dp)]
+    # One device-to-host trip (not one per tensor), then the one job-wide reduction.
+    total = (torch.cat(squares).sum().reshape(1).to(group.device) if squares
+             else torch.zeros(1, dtype=torch.float32, device=group.device))  # [1] sum of squares
+    group.all_reduce(total)
     return math.sqrt(float(total.item()))
 
 
 def found_inf(grads: Sequence[Optional[torch.Tensor]], ctx) -> bool:
     """True when any gradient element on any rank is NaN or Inf (MAX over the world group)."""
     group = ctx.world_group
-    flag = torch.zeros(1, dtype=torch.float32, device=group.device)
-    for g in grads:
-        if g is not None and g.numel() and not bool(torch.isfinite(g).all()):
-            flag.fill_(1.0)
-            break
+    bad = [torch.logical_not(torch.isfinite(g).all()).reshape(1) for g in grads if g is not None and g.numel()]
+    flag = (torch.cat(bad).any().float().reshape(1).to(group.device) if bad
+            else torch.zeros(1, dtype=torch.float32, device=group.device))
     group.all_reduce(flag, op="max")  # every rank must take the same skip decision
     return bool(flag.item() > 0)
 

@@ -79,6 +79,8 @@ def pretrain(cfg: MegahetConfig) -> dict:
              ctx.ep, ctx.backend.name)
     t, m = cfg.train, cfg.model
     iters = total_train_iters(cfg)
+    if cfg.checkpoint.save:
+        ckpt.check_writable(cfg.checkpoint.save)  # fail now, not after the first hour of training
     data: DataSetup = build_data(cfg, ctx, iters)
     tracker = build_moe_tracker(cfg)
     chunks = build_model_chunks(cfg, ctx, data.vocab_size, data.padded_vocab_size, tracker)
@@ -88,8 +90,6 @@ def pretrain(cfg: MegahetConfig) -> dict:
     warmup = t.lr_warmup_iters if t.lr_warmup_fraction is None else int(t.lr_warmup_fraction * decay)
     scheduler = LRScheduler(optimizer, t.lr, t.min_lr, warmup, decay, t.lr_decay_style)
     state = TrainState()
-    if cfg.checkpoint.save:
-        ckpt.check_writable(cfg.checkpoint.save)
     if cfg.checkpoint.load:
         resume(cfg, ctx, chunks, optimizer, scheduler, scaler, state, data.vocab_size)
     dp_sizes = [t.global_batch_size // ctx.dp] * ctx.dp

@@ -10,7 +10,7 @@ from megahet.config import build_config
 from megahet.models.gpt import GPTModel
 from megahet.parallel.context import build_parallel_context
 from megahet.parallel.data_parallel import DataParallel
-from megahet.parallel.sharding import gather_full
+from megahet.parallel.sharding import gather_param_full
 from megahet.training.distributed_optimizer import DistributedOptimizer
 from megahet.training.loss_scaler import ConstantLossScaler, DynamicLossScaler
 from megahet.training.optimizer import MixedPrecisionOptimizer
@@ -39,7 +39,7 @@ def full_params(model, ctx):
     """Unsharded fp32 copies of every param by global name (padding rows of the vocabulary dropped)."""
     out = {}
     for p in model.parameters():
-        w = gather_full(p.data, p, ctx.tp_group).float()
+        w = gather_param_full(p.data, p, ctx).float()  # over TP, and over EP for experts
         if p.global_name.endswith("word_embeddings.weight") or p.global_name == "output_layer.weight":
             w = w[:VOCAB]
         out[p.global_name] = w.clone()
@@ -125,14 +125,14 @@ def run_pipeline_case(pp=1, dp=1, vpp_layers=None, dist_opt=False, overlap=False
     from megahet.training.model_builder import build_model_chunks
     from megahet.training.train_step import train_step
 
-    cfg = build_config(overrides=dict(
+    cfg = build_config(overrides={**dict(
         num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2, seq_length=SEQ,
         vocab_size=VOCAB, tokenizer_type="NullTokenizer", mock_data=True, train_iters=1,
         make_vocab_size_divisible_by=8, pipeline_model_parallel_size=pp,
         num_layers_per_virtual_pipeline_stage=vpp_layers, use_distributed_optimizer=dist_opt,
         overlap_grad_reduce=overlap, ddp_bucket_size=bucket_size, lr=1e-2, weight_decay=0.1,
         adam_beta2=0.95, adam_eps=1e-5, clip_grad=0.5, micro_batch_size=1, global_batch_size=GLOBAL_BATCH,
-        expert_model_parallel_size=ep, **(over or {})))
+        expert_model_parallel_size=ep), **(over or {})})
     ctx = build_parallel_context(pp=pp, ep=ep, backend_name="cpu", timeout_s=60)
     assert ctx.dp == dp
     chunks = build_model_chunks(cfg, ctx, VOCAB, -(-VOCAB // 8) * 8)
@@ -150,4 +150,5 @@ def run_pipeline_case(pp=1, dp=1, vpp_layers=None, dist_opt=False, overlap=False
     res["params"] = {}
     for chunk in chunks:
         res["params"].update(full_params(chunk, ctx))
+    res["state"] = _strip_padding(opt.state_by_name())
     return res

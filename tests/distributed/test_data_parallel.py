@@ -151,3 +151,22 @@ def test_pipeline_interleaved_tied_embedding_distopt_overlap():
                 torch.testing.assert_close(w, merged[name], atol=0, rtol=0, msg=name)
             merged[name] = w
     _assert_params(merged, ref["params"])
+
+
+def test_expert_parallel_buffers_and_state():
+    # EP=2 on DP=2: experts reduce over their own (trivial) expert-data-parallel group, dense params over
+    # dp; the norm counts each expert shard once and the optimizer state gathers experts over EP.
+    over = dict(num_layers=2, num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32)
+    ref = run_distributed(run_pipeline_case, 1, over=over, timeout=60)[0]
+    results = run_distributed(run_pipeline_case, 2, dp=2, ep=2, dist_opt=True, over=over, timeout=90)
+    for r in results:
+        assert r["buckets"] == 2  # one dense and one expert buffer
+        assert r["ok"] == [True] * 3
+        assert r["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+        assert r["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-5)
+        _assert_params(r["params"], ref["params"])
+        assert set(r["state"]) == set(ref["state"])
+        for name, want in ref["state"].items():
+            for key in ("master", "exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(r["state"][name][key], want[key], atol=ATOL, rtol=1e-4,
+                                           msg=f"{name} {key}")
