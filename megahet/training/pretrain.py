@@ -27,6 +27,8 @@ from megahet.training.lr_schedule import LRScheduler
 from megahet.training.metrics import MetricsLogger
 from megahet.training.model_builder import build_model_chunks, build_moe_tracker, params_dtype
 from megahet.training.optimizer_setup import build_optimizer
+from megahet.parallel.schedule_trace import ScheduleTracer
+from megahet.training.trace_export import export_step_trace
 from megahet.training.train_step import evaluate, replica_microbatches, train_step
 
 log = logging.getLogger("megahet")
@@ -110,8 +112,12 @@ def pretrain(cfg: MegahetConfig) -> dict:
         while state.iteration < iters:
             mbs = replica_microbatches(data.train, state.consumed_samples, t.global_batch_size, dp_sizes,
                                        ctx.dp_rank, t.micro_batch_size)
+            last_step = state.iteration + 1 == iters
+            tracer = ScheduleTracer(ctx.rank, start=0.0) if (cfg.logging.timing_trace and last_step) else None
             result = train_step(chunks, ddp, optimizer, ctx, mbs, schedule=schedule, loss_scaler=scaler,
-                                moe_tracker=tracker)
+                                moe_tracker=tracker, tracer=tracer)
+            if tracer is not None:
+                export_step_trace(cfg.logging.timing_trace, tracer.events, ctx)
             state.iteration += 1
             state.consumed_samples += t.global_batch_size
             window["time"] += result.step_time_s
@@ -201,7 +207,9 @@ def resume(cfg, ctx, chunks, optimizer, scheduler, scaler, state: TrainState, vo
     if meta is None:
         log.warning("no checkpoint under %s yet; starting from scratch", cfg.checkpoint.load)
         return None
-    if not finetune:
+    if finetune:
+        optimizer.reload_model_params()  # masters were built before the weights were loaded
+    else:
         state.iteration = int(meta["iteration"])
         state.consumed_samples = int(meta["consumed_samples"])
         state.skipped_total = int(meta.get("skipped_total", 0))

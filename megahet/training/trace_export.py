@@ -1,0 +1,44 @@
+"""Export the measured pipeline schedule of a step (every rank's actions) as Chrome trace and PNG."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import List
+
+import torch.distributed as dist
+
+from megahet.parallel.context import ParallelContext
+from megahet.parallel.schedule_trace import (TraceEvent, bubble_fraction, write_chrome_trace,
+                                             write_timeline_png)
+
+log = logging.getLogger("megahet")
+
+
+def gather_events(events: List[TraceEvent], ctx: ParallelContext) -> List[List[TraceEvent]]:
+    """Every rank's events on every rank (ordered by global rank), on one shared time origin."""
+    if ctx.world_size > 1:
+        everyone: list = [None] * ctx.world_size
+        dist.all_gather_object(everyone, [(e.name, e.category, e.start, e.end) for e in events],
+                               group=ctx.world_group.pg)
+        per_rank = [[TraceEvent(*e) for e in rank_events] for rank_events in everyone]
+    else:
+        per_rank = [list(events)]
+    # perf_counter is one monotonic clock per host: shift so the step starts at 0.
+    t0 = min((e.start for r in per_rank for e in r), default=0.0)
+    return [[TraceEvent(e.name, e.category, e.start - t0, e.end - t0) for e in r] for r in per_rank]
+
+
+def export_step_trace(path: str, events: List[TraceEvent], ctx: ParallelContext) -> None:
+    """Write `path` (Chrome trace JSON) and `path`.png from rank 0; every rank must call this."""
+    per_rank = gather_events(events, ctx)
+    if ctx.rank != 0:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    # One row per pipeline stage: the first data-parallel, first tensor-parallel rank of each stage.
+    stages = [per_rank[ctx.global_rank(0, 0, p)] for p in range(ctx.pp)]
+    write_chrome_trace(path, stages)
+    try:
+        write_timeline_png(os.path.splitext(path)[0] + ".png", stages)
+    except Exception as exc:  # noqa: BLE001 - the PNG is a convenience; the JSON is the record
+        log.warning("could not draw the timeline PNG: %s", exc)
+    log.info("schedule trace written to %s (bubble %.1f%%)", path, 100 * bubble_fraction(stages))
