@@ -112,7 +112,7 @@ def build_plain(args, bf16, ffn):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        return float(loss)
+        return float(loss.detach())
     return step
 
 

@@ -9,8 +9,9 @@ trains on its own micro-batch, so tokens/step grows with the rank count. Rows:
   - a dense model with the same active parameters per token (ffn = topk * moe-ffn (+ shared)), 1 and
     2 ranks.
 The machine may be shared, so layouts run interleaved for --rounds rounds and each row keeps its
-fastest step (the least disturbed one); "dispatch %" is the share of the step spent in dispatch + combine (permutation and EP communication,
-forward and backward), timed inside the MoE layers with their `profile` flag.
+fastest step (the least disturbed one; the median is shown too). "dispatch %" is the share of that
+step spent in dispatch + combine (permutation and EP communication, forward and backward), timed
+inside the MoE layers with their `profile` flag.
 
     python tools/bench_moe.py [--layers 4 --hidden 256 --experts 8 --topk 2 --moe-ffn 512 --seq 256 --mbs 4]
 """

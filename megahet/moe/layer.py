@@ -52,6 +52,9 @@ class MoELayer(nn.Module):
         super().__init__()
         if not cfg.num_experts:
             raise MegahetError("MoELayer needs --num-experts >= 1; leave it unset for a dense model")
+        if cfg.moe_expert_capacity_factor is not None and cfg.moe_expert_capacity_factor <= 0:
+            raise MegahetError(f"--moe-expert-capacity-factor must be > 0, got {cfg.moe_expert_capacity_factor}; "
+                               f"leave it unset for dropless routing")
         self.cfg, self.ctx, self.layer_number, self.tracker = cfg, ctx, layer_number, tracker
         self.tp = ctx.tp_group
         self.sequence_parallel = sequence_parallel and self.tp.size > 1
@@ -91,7 +94,7 @@ class MoELayer(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         c = self.cfg
-        s_local, b, h = hidden.shape
+        _, b, h = hidden.shape  # [s(/tp), b, h]
         x = hidden.reshape(-1, h)  # [n, h], n = s(/tp) * b
         out = self.router(x)  # logits [n, E], weights/indices [n, k]
         weights, indices = out.weights, out.indices

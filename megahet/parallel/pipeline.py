@@ -119,6 +119,8 @@ def forward_backward(model_chunks: List[torch.nn.Module], microbatches: List[Dic
     def backward_step(chunk: int, mb: int, input_tensor, output_tensor, output_grad):
         if ddp is not None and mb == m - 1:
             ddp.enable_grad_sync(chunk, True)  # last micro-batch of this chunk: buckets may reduce now
+        if moe_tracker is not None:  # a recomputed forward inside this backward re-reads the scale
+            moe_tracker.aux_loss_scale = tokens[mb] / global_tokens * loss_scale
         torch.autograd.backward(output_tensor, grad_tensors=output_grad)
         return input_tensor.grad if input_tensor is not None else None
 

@@ -143,14 +143,15 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             logits = logits.masked_fill(pad, float("-inf"))
         lmax = logits.max(dim=-1).values
         group.all_reduce(lmax, op="max")  # global max for a stable softmax
-        shifted = logits - lmax.unsqueeze(-1)
-        exp = shifted.exp()
-        sum_exp = exp.sum(dim=-1)
-        group.all_reduce(sum_exp)
+        # In place from here on (as Megatron): the logits are not needed by any other backward.
+        shifted = logits.sub_(lmax.unsqueeze(-1))
         in_shard = (labels >= vocab_start) & (labels < vocab_start + v_local)
         local_label = (labels - vocab_start).masked_fill(~in_shard, 0)
         target = shifted.gather(-1, local_label.unsqueeze(-1)).squeeze(-1).masked_fill(~in_shard, 0.0)
         group.all_reduce(target)  # exactly one rank holds each label's logit
+        exp = shifted.exp_()
+        sum_exp = exp.sum(dim=-1)
+        group.all_reduce(sum_exp)
         loss = sum_exp.log() - target  # [s, b]
         softmax = exp.div_(sum_exp.unsqueeze(-1))
         ctx.save_for_backward(softmax, local_label, in_shard)
@@ -159,8 +160,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         softmax, local_label, in_shard = ctx.saved_tensors
-        grad = softmax.clone()
-        rows = grad.view(-1, grad.shape[-1])  # grad is a fresh contiguous clone
+        grad = softmax  # reused in place: backward runs once
+        rows = grad.view(-1, grad.shape[-1])
         idx = torch.arange(rows.shape[0], device=grad.device)
         rows[idx, local_label.reshape(-1)] -= in_shard.reshape(-1).to(grad.dtype)
         grad.mul_(grad_loss.unsqueeze(-1))

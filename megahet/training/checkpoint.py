@@ -48,11 +48,17 @@ def check_writable(root: str) -> None:
         raise MegahetError(f"cannot write checkpoints to {root} ({exc.strerror or exc}); pass a writable --save DIR") from None
 
 
-def _params_by_name(model_chunks) -> Dict[str, torch.nn.Parameter]:
+def _params_by_name(model_chunks) -> Dict[str, torch.Tensor]:
+    """Parameters by global name, plus persistent buffers (e.g. MoE expert biases), which are
+    replicated and named like parameters."""
     out = {}
     for chunk in model_chunks:
         for p in chunk.parameters():
             out.setdefault(p.global_name, p)
+        params = {id(p) for p in chunk.parameters()}
+        for name, t in chunk.state_dict(keep_vars=True).items():
+            if id(t) not in params and isinstance(t, torch.Tensor):
+                out.setdefault(name, t)
     return out
 
 

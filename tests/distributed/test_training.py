@@ -72,3 +72,17 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     _run(1, tmp_path, "a", train_iters=3, save=ck)
     with pytest.raises(DistributedTestError, match="different model shape"):
         _run(1, tmp_path, "b", train_iters=3, load=ck, hidden_size=64)
+
+
+MOE = dict(num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32, moe_shared_expert_intermediate_size=32,
+           moe_aux_loss_coeff=0.01, moe_z_loss_coeff=0.001, moe_router_enable_expert_bias=True)
+
+
+def test_moe_checkpoint_saved_at_ep2_resumes_at_ep1(tmp_path):
+    ref = _run(1, tmp_path, "ref", train_iters=4, **MOE)
+    assert "moe_aux_loss" in ref[-1] and "moe/layer_0/tokens_per_expert" in json.dumps(ref[-1])
+    ck = str(tmp_path / "ck")
+    _run(2, tmp_path, "save", train_iters=4, exit_interval=2, save=ck, expert_model_parallel_size=2, **MOE)
+    resumed = _run(1, tmp_path, "load", train_iters=4, load=ck, **MOE)
+    for a, b in zip(losses(resumed), losses(ref)[2:]):
+        assert abs(a - b) < 2e-5 * abs(b), (losses(resumed), losses(ref))
