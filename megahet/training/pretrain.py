@@ -205,7 +205,7 @@ def resume(cfg, ctx, chunks, optimizer, scheduler, scaler, state: TrainState, vo
     meta = ckpt.load_checkpoint(cfg.checkpoint.load, chunks, optimizer, ctx, vocab_size=vocab_size,
                                 load_optimizer=not finetune)
     if meta is None:
-        log.warning("no checkpoint under %s yet; starting from scratch", cfg.checkpoint.load)
+        log.info("no checkpoint under %s yet; starting from scratch", cfg.checkpoint.load)
         return None
     if finetune:
         optimizer.reload_model_params()  # masters were built before the weights were loaded

@@ -86,3 +86,19 @@ def test_moe_checkpoint_saved_at_ep2_resumes_at_ep1(tmp_path):
     resumed = _run(1, tmp_path, "load", train_iters=4, load=ck, **MOE)
     for a, b in zip(losses(resumed), losses(ref)[2:]):
         assert abs(a - b) < 2e-5 * abs(b), (losses(resumed), losses(ref))
+
+
+def test_mixed_backends_train_like_one_process(tmp_path):
+    """A CPU rank and a simulated device in another communication domain (bridged DP and world
+    groups) give the losses of the single-process run."""
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text("groups:\n  - {name: fast, backend: cpu, devices: 1}\n"
+                       "  - {name: slow, backend: sim, devices: 1, speed: 0.8}\n")
+    ref = losses(_run(1, tmp_path, "ref", train_iters=3))
+    mixed = losses(_run(2, tmp_path, "mixed", train_iters=3, cluster=str(cluster), use_distributed_optimizer=True))
+    for a, b in zip(mixed, ref):
+        assert abs(a - b) < 2e-5 * abs(b), (mixed, ref)
+    mixed_pp = losses(_run(2, tmp_path, "mixed_pp", train_iters=3, cluster=str(cluster),
+                           pipeline_model_parallel_size=2))
+    for a, b in zip(mixed_pp, ref):
+        assert abs(a - b) < 2e-5 * abs(b), (mixed_pp, ref)
