@@ -11,6 +11,7 @@ previous checkpoint and `latest` intact; `--load` never sees a half-written chec
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -81,12 +82,12 @@ def _dcp_group(ctx: ParallelContext):
     return ctx.world_group.pg if ctx.world_size > 1 else None
 
 
+@contextlib.contextmanager
 def _quiet_single_process():
     """DCP warns that it 'assumes' one process when torch.distributed is not initialised: we mean it."""
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-    return ctx
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _is_finite(model_chunks, ctx: ParallelContext) -> bool:
@@ -127,11 +128,8 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, ctx: Par
                     t = _vocab_trim(t, p, vocab_size)
                 state[f"optim/{name}/{key}"] = t.cpu()
     state[f"rng/rank{ctx.rank}/torch"] = ctx.backend.get_rng_state().cpu()
-    quiet = _quiet_single_process()
-    try:
+    with _quiet_single_process():
         dcp.save(state, checkpoint_id=partial, process_group=_dcp_group(ctx))
-    finally:
-        quiet.__exit__(None, None, None)
     ctx.world_group.barrier()
     if ctx.rank == 0:
         full_meta = dict(meta, format=FORMAT, iteration=iteration, world_size=ctx.world_size,
@@ -239,11 +237,8 @@ def load_checkpoint(root: str, model_chunks, optimizer, ctx: ParallelContext, *,
     restore_rng = meta.get("world_size") == ctx.world_size and rng_key in shapes
     if restore_rng:
         state[rng_key] = torch.empty(shapes[rng_key], dtype=torch.uint8)
-    quiet = _quiet_single_process()
-    try:
+    with _quiet_single_process():
         dcp.load(state, checkpoint_id=path, process_group=_dcp_group(ctx))
-    finally:
-        quiet.__exit__(None, None, None)
     with torch.no_grad():
         for name, p in params.items():
             full = state[f"model/{name}"]
