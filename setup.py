@@ -20,7 +20,7 @@ setup(
     install_requires=["torch>=2.4", "sentencepiece>=0.1.99", "pyyaml>=6.0", "numpy>=1.24",
                       "safetensors>=0.4"],
     extras_require={
-        "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "tensorboard>=2.14", "matplotlib>=3.7"],
+        "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "tensorboard>=2.14", "matplotlib>=3.7", "wandb>=0.16"],
         "wandb": ["wandb>=0.16"],
         "tensorboard": ["tensorboard>=2.14"],
         # Never installed in dev/CI: without Ascend's CANN libraries torch_npu breaks `import torch`.

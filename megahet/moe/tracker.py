@@ -98,6 +98,9 @@ class MoETracker:
             out[f"moe/layer_{layer}/aux_loss"] = float(aux[slot])
             out[f"moe/layer_{layer}/tokens_per_expert"] = [int(round(c)) for c in counts.tolist()]
             out[f"moe/layer_{layer}/load_imbalance"] = float(counts.max()) / mean if mean > 0 else 0.0
+        # One number for the console line: the worst layer's imbalance.
+        out["moe_load_imbalance"] = max((out[f"moe/layer_{layer}/load_imbalance"] for layer in self.moe_layer_ids),
+                                        default=0.0)
         return out
 
     @torch.no_grad()

@@ -36,6 +36,15 @@ class Work:
             self._finish = None
 
 
+def _complete(work, finish, async_op: bool, value):
+    """A Work for async callers; otherwise finish now (write back staged results) and return `value`."""
+    if async_op:
+        return Work(work, finish)
+    if finish is not None:
+        finish()
+    return value
+
+
 class CommGroup:
     """A set of global ranks and the process group that connects them.
 
@@ -79,11 +88,16 @@ class CommGroup:
         staged = bridge.stage_for_reduction(tensor, self.bridged, self._upcast_reductions)
         work = dist.all_reduce(staged, op=_OPS[op], group=self.pg, async_op=async_op)
         finish = (lambda: bridge.write_back(staged, tensor)) if staged is not tensor else None
-        if async_op:
-            return Work(work, finish)
-        if finish:
-            finish()
-        return tensor
+        return _complete(work, finish, async_op, tensor)
+
+    def _into(self, collective, out: torch.Tensor, staged: torch.Tensor, async_op: bool):
+        """Run `collective(result, staged)` straight into `out` when dtype and device allow, else into
+        a staging buffer that is written back into `out` when the work completes."""
+        same = staged.dtype == out.dtype and staged.device == out.device
+        result = out if same else torch.empty(out.shape, dtype=staged.dtype, device=staged.device)
+        work = collective(result, staged, group=self.pg, async_op=async_op)
+        finish = None if same else (lambda: bridge.write_back(result, out))
+        return _complete(work, finish, async_op, out)
 
     def reduce_scatter_into(self, out: torch.Tensor, tensor: torch.Tensor, async_op: bool = False):
         """Sum `tensor` (dim 0 = size * len(out)) over the group into this rank's slice `out`."""
@@ -94,15 +108,7 @@ class CommGroup:
             raise ValueError(f"reduce_scatter over {self.name}: input rows {tensor.shape[0]} != "
                              f"{self.size} x output rows {out.shape[0]}")
         staged = bridge.stage_for_reduction(tensor.contiguous(), self.bridged, self._upcast_reductions)
-        shard = out if (staged.dtype == out.dtype and staged.device == out.device) else torch.empty(
-            out.shape, dtype=staged.dtype, device=staged.device)
-        work = dist.reduce_scatter_tensor(shard, staged, group=self.pg, async_op=async_op)
-        finish = (lambda: bridge.write_back(shard, out)) if shard is not out else None
-        if async_op:
-            return Work(work, finish)
-        if finish:
-            finish()
-        return out
+        return self._into(dist.reduce_scatter_tensor, out, staged, async_op)
 
     def reduce_scatter(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """Sum over the group and keep this rank's 1/size slice along `dim`."""
@@ -124,15 +130,7 @@ class CommGroup:
             out.copy_(tensor)
             return Work() if async_op else out
         staged = bridge.stage(tensor.contiguous(), self.bridged)
-        gathered = out if (staged.dtype == out.dtype and staged.device == out.device) else torch.empty(
-            out.shape, dtype=staged.dtype, device=staged.device)
-        work = dist.all_gather_into_tensor(gathered, staged, group=self.pg, async_op=async_op)
-        finish = (lambda: bridge.write_back(gathered, out)) if gathered is not out else None
-        if async_op:
-            return Work(work, finish)
-        if finish:
-            finish()
-        return out
+        return self._into(dist.all_gather_into_tensor, out, staged, async_op)
 
     def all_gather(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """Concatenate every member's `tensor` along `dim` (same shape on every member)."""

@@ -17,6 +17,7 @@ _FIELDS = (
     ("valid_loss", "validation loss", lambda v: f"{v:.4E}"),
     ("moe_aux_loss", "moe aux loss", lambda v: f"{v:.4E}"),
     ("moe_z_loss", "moe z loss", lambda v: f"{v:.4E}"),
+    ("moe_load_imbalance", "moe max load/mean", lambda v: f"{v:.2f}"),
     ("loss_scale", "loss scale", lambda v: f"{v:.1f}"),
     ("grad_norm", "grad norm", lambda v: f"{v:.3f}"),
     ("skipped_iters", "skipped", lambda v: f"{int(v)}"),

@@ -63,6 +63,9 @@ def total_train_iters(cfg: MegahetConfig) -> int:
 def build_context(cfg: MegahetConfig) -> ParallelContext:
     p = cfg.parallel
     rank_specs = None
+    if cfg.hetero.plan:
+        raise MegahetError("--plan needs the heterogeneous planner, which this version does not have yet; drop --plan "
+                           "(with --cluster, ranks follow --tensor/--pipeline-model-parallel-size in cluster order)")
     if cfg.hetero.cluster:
         from megahet.hetero.cluster import load_cluster
         rank_specs = load_cluster(cfg.hetero.cluster).rank_specs()
@@ -105,9 +108,9 @@ def pretrain(cfg: MegahetConfig) -> dict:
     logger = MetricsLogger(ctx.rank, ctx.rank == 0, cfg.logging.metrics_file, cfg.logging.wandb_project,
                            cfg.logging.wandb_exp_name, cfg.logging.wandb_save_dir, cfg.logging.tensorboard_dir,
                            cfg.to_dict(), train_iters=iters, moe=bool(m.num_experts))
+    meter = Throughput(flops_per_token, float(peak), ctx.world_size, t.global_batch_size * m.seq_length)
     start_time = time.time()
     last: dict = {}
-    window = {"time": 0.0, "steps": 0, "tokens": 0}
     try:
         while state.iteration < iters:
             mbs = replica_microbatches(data.train, state.consumed_samples, t.global_batch_size, dp_sizes,
@@ -120,46 +123,25 @@ def pretrain(cfg: MegahetConfig) -> dict:
                 export_step_trace(cfg.logging.timing_trace, tracer.events, ctx)
             state.iteration += 1
             state.consumed_samples += t.global_batch_size
-            window["time"] += result.step_time_s
-            window["steps"] += 1
-            window["tokens"] += t.global_batch_size * m.seq_length
-            if result.ok:
-                scheduler.step()
-                state.skipped_in_a_row = 0
-            else:
-                state.skipped_in_a_row += 1
-                state.skipped_total += 1
-                log.warning("iteration %d: loss or gradients are NaN/Inf (loss %s); update skipped",
-                            state.iteration, result.loss)
-                if state.skipped_in_a_row >= t.max_skipped_steps:
-                    raise MegahetError(f"{state.skipped_in_a_row} consecutive steps had NaN/Inf loss or gradients "
-                                       f"(--max-skipped-steps {t.max_skipped_steps}); lower --lr or raise "
-                                       f"--clip-grad and resume from the last checkpoint")
+            meter.add(result.step_time_s)
+            account_for_skips(state, result, scheduler, t.max_skipped_steps)
             evaluated = {}
             if data.valid is not None and t.eval_interval and state.iteration % t.eval_interval == 0:
                 vloss = evaluate(chunks, ctx, data.valid, eval_iters=t.eval_iters, global_batch_size=t.global_batch_size,
                                  replica_sizes=dp_sizes, micro_batch_size=t.micro_batch_size)
                 evaluated = {"valid_loss": vloss, "valid_ppl": math.exp(min(vloss, 50.0))}
             if state.iteration % cfg.logging.log_interval == 0 or state.iteration == iters or evaluated:
-                step_time = window["time"] / max(window["steps"], 1)
-                tokens_per_s = window["tokens"] / max(window["time"], 1e-9)
-                values = {
-                    "iteration": state.iteration, "loss": result.loss, "lr": scheduler.lr,
-                    "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s, "step_time_s": step_time,
-                    "consumed_samples": state.consumed_samples,
-                    "tflops_per_device": tflops_per_device(flops_per_token, tokens_per_s, ctx.world_size),
-                    "mfu": model_flops_utilization(flops_per_token, tokens_per_s, float(peak)),
-                    "skipped_iters": state.skipped_total, "loss_scale": scaler.scale,
-                    "elapsed_s": time.time() - start_time,
-                }
+                values = {"iteration": state.iteration, "loss": result.loss, "lr": scheduler.lr,
+                          "grad_norm": result.grad_norm, "consumed_samples": state.consumed_samples,
+                          **meter.report(), "skipped_iters": state.skipped_total, "loss_scale": scaler.scale,
+                          "elapsed_s": time.time() - start_time}
                 mem = ctx.backend.memory_stats(ctx.device)
                 values["mem_allocated_gb"], values["mem_peak_gb"] = mem.get("allocated_gb"), mem.get("peak_gb")
                 if tracker is not None:
-                    values.update(tracker.report(ctx))
+                    values.update(tracker.report(ctx))  # a collective: every rank logs the same iterations
                 values.update(evaluated)
                 logger.log(state.iteration, values)
                 last = values
-                window = {"time": 0.0, "steps": 0, "tokens": 0}
             should_exit = exit_requested(cfg, ctx, state, start_time)
             save_now = cfg.checkpoint.save and (
                 (cfg.checkpoint.save_interval and state.iteration % cfg.checkpoint.save_interval == 0)
@@ -172,6 +154,42 @@ def pretrain(cfg: MegahetConfig) -> dict:
     finally:
         logger.close()
     return last
+
+
+class Throughput:
+    """Step time, tokens/s, TFLOP/s per device and MFU averaged over the steps since the last report."""
+
+    def __init__(self, flops_per_token: float, total_peak_flops: float, devices: int, tokens_per_step: int):
+        self.flops_per_token, self.peak, self.devices = flops_per_token, total_peak_flops, devices
+        self.tokens_per_step = tokens_per_step
+        self.time, self.steps = 0.0, 0
+
+    def add(self, step_time_s: float) -> None:
+        self.time += step_time_s
+        self.steps += 1
+
+    def report(self) -> dict:
+        tokens_per_s = self.tokens_per_step * self.steps / max(self.time, 1e-9)
+        out = {"tokens_per_s": tokens_per_s, "step_time_s": self.time / max(self.steps, 1),
+               "tflops_per_device": tflops_per_device(self.flops_per_token, tokens_per_s, self.devices),
+               "mfu": model_flops_utilization(self.flops_per_token, tokens_per_s, self.peak)}
+        self.time, self.steps = 0.0, 0
+        return out
+
+
+def account_for_skips(state: TrainState, result, scheduler, max_skipped_steps: int) -> None:
+    """Advance the LR schedule after a real update; count skipped (NaN/Inf) steps and stop on too many."""
+    if result.ok:
+        scheduler.step()
+        state.skipped_in_a_row = 0
+        return
+    state.skipped_in_a_row += 1
+    state.skipped_total += 1
+    log.warning("iteration %d: loss or gradients are NaN/Inf (loss %s); update skipped", state.iteration, result.loss)
+    if state.skipped_in_a_row >= max_skipped_steps:
+        raise MegahetError(f"{state.skipped_in_a_row} consecutive steps had NaN/Inf loss or gradients "
+                           f"(--max-skipped-steps {max_skipped_steps}); lower --lr or --clip-grad "
+                           f"and resume from the last checkpoint")
 
 
 def exit_requested(cfg: MegahetConfig, ctx: ParallelContext, state: TrainState, start_time: float) -> bool:

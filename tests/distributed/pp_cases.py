@@ -60,3 +60,21 @@ def run_pipeline(world, over, schedule="1f1b", num_mb=4, mbs=2):
             g = g[:VOCAB]
         grads[q.global_name] = g.clone()
     return float(loss), grads
+
+
+def run_varying_shapes(world):
+    """Two steps whose micro-batch size and sequence length differ: the P2P handshake carries shapes."""
+    cfg = make_cfg(pipeline_model_parallel_size=world)
+    ctx = build_parallel_context(pp=world, backend_name="cpu", timeout_s=60)
+    chunks = build_chunks(cfg, ctx)
+    out = []
+    for n, mbs, seq in ((2, 2, 8), (3, 3, 5)):
+        g = torch.Generator().manual_seed(seq)
+        data = torch.randint(0, VOCAB, (n * mbs, seq + 1), generator=g)
+        mbs_list = [{"tokens": data[i * mbs:(i + 1) * mbs, :-1], "labels": data[i * mbs:(i + 1) * mbs, 1:],
+                     "loss_mask": torch.ones(mbs, seq)} for i in range(n)]
+        res = forward_backward(chunks, mbs_list, ctx, global_tokens=float(n * mbs * seq), schedule="1f1b")
+        loss = res.loss_sum.clone()
+        ctx.world_group.all_reduce(loss if ctx.is_last_stage else loss.zero_())
+        out.append(float(loss))
+    return out

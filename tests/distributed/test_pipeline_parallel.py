@@ -48,3 +48,10 @@ def test_pipeline_matches_single_process(world, over, schedule):
 def test_tp2_pp2_dp2_matches_single_process(reference):
     over = dict(pipeline_model_parallel_size=2, tensor_model_parallel_size=2, sequence_parallel=True)
     _check(reference, run_distributed(run_pipeline, 8, 8, over, "1f1b", timeout=150), atol=5e-6)
+
+
+def test_shapes_may_change_between_steps():
+    from tests.distributed.pp_cases import run_varying_shapes
+    ref = run_distributed(run_varying_shapes, 1, 1, timeout=60)[0]
+    got = run_distributed(run_varying_shapes, 2, 2, timeout=60)[0]
+    assert got == pytest.approx(ref, rel=1e-5)

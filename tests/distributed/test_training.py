@@ -102,3 +102,22 @@ def test_mixed_backends_train_like_one_process(tmp_path):
                            pipeline_model_parallel_size=2))
     for a, b in zip(mixed_pp, ref):
         assert abs(a - b) < 2e-5 * abs(b), (mixed_pp, ref)
+
+
+def test_timing_trace_of_a_pipeline_run(tmp_path):
+    trace = tmp_path / "trace.json"
+    _run(2, tmp_path, "trace", train_iters=2, pipeline_model_parallel_size=2, timing_trace=str(trace))
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {e["name"] for e in events if e.get("ph") == "X"}
+    assert any(n.startswith("F") for n in names) and any(n.startswith("B") for n in names)
+    assert {e["pid"] for e in events if e.get("ph") == "X"} == {0, 1}
+    assert (tmp_path / "trace.png").stat().st_size > 1000
+
+
+def test_train_samples_and_exit_duration(tmp_path):
+    by_samples = _run(1, tmp_path, "samples", train_iters=None, train_samples=16)
+    assert [r["iteration"] for r in by_samples] == [1, 2]
+    ck = str(tmp_path / "ck")
+    timed = _run(1, tmp_path, "timed", train_iters=5, exit_duration_in_mins=0.0, save=ck)
+    assert [r["iteration"] for r in timed] == [1]  # over the time budget after the first step: save, exit
+    assert os.path.exists(os.path.join(ck, "iter_0000001", "meta.json"))
