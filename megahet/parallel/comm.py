@@ -19,6 +19,9 @@ import torch.distributed as dist
 from megahet.parallel import bridge
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+# torch 2.13 renamed the tensor-in/tensor-out collectives; older releases (>= 2.4) have the old names.
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 class Work:
@@ -108,7 +111,7 @@ class CommGroup:
             raise ValueError(f"reduce_scatter over {self.name}: input rows {tensor.shape[0]} != "
                              f"{self.size} x output rows {out.shape[0]}")
         staged = bridge.stage_for_reduction(tensor.contiguous(), self.bridged, self._upcast_reductions)
-        return self._into(dist.reduce_scatter_tensor, out, staged, async_op)
+        return self._into(_REDUCE_SCATTER, out, staged, async_op)
 
     def reduce_scatter(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """Sum over the group and keep this rank's 1/size slice along `dim`."""
@@ -130,7 +133,7 @@ class CommGroup:
             out.copy_(tensor)
             return Work() if async_op else out
         staged = bridge.stage(tensor.contiguous(), self.bridged)
-        return self._into(dist.all_gather_into_tensor, out, staged, async_op)
+        return self._into(_ALL_GATHER, out, staged, async_op)
 
     def all_gather(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """Concatenate every member's `tensor` along `dim` (same shape on every member)."""
