@@ -63,15 +63,16 @@ class GPTModel(nn.Module):
         vocab_size / padded_vocab_size: real and padded vocabulary (padded logits are masked).
         sequence_parallel: Megatron sequence parallelism inside TP regions.
         seed: weights come from (seed, parameter name): identical under every layout.
-        recompute: None, "full" (listed layers are recomputed in backward) or "selective" (attention core).
-        recompute_layers: global indices of layers to recompute fully.
+        recompute: None, "full" (listed units are recomputed in backward) or "selective" (attention core).
+        recompute_units: groups of consecutive global layer indices, each checkpointed as one unit
+            (only the unit's input is kept for backward).
         moe_tracker: collects router statistics and aux losses of this chunk's MoE layers.
     """
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, *, layer_ids: Sequence[int], pre_process: bool,
                  post_process: bool, vocab_size: int, padded_vocab_size: int, sequence_parallel: bool = False,
                  seed: int = 1234, dtype=torch.float32, recompute: Optional[str] = None,
-                 recompute_layers: Sequence[int] = (), moe_tracker=None):
+                 recompute_units: Sequence[Sequence[int]] = (), moe_tracker=None):
         super().__init__()
         device = ctx.device
         self.cfg, self.ctx = cfg, ctx
@@ -79,7 +80,8 @@ class GPTModel(nn.Module):
         self.sequence_parallel = sequence_parallel and ctx.tp_group.size > 1
         self.vocab_size, self.padded_vocab_size = vocab_size, padded_vocab_size
         self.layer_ids = list(layer_ids)
-        self.recompute_layers = set(recompute_layers) if recompute == "full" else set()
+        # First layer of a unit -> the unit's layers.
+        self.recompute_units = {u[0]: list(u) for u in recompute_units if u} if recompute == "full" else {}
         self.tied = not cfg.untie_embeddings_and_output_weights
         if pre_process:
             self.embedding = Embedding(cfg, ctx, vocab_size, padded_vocab_size, seed, self.sequence_parallel, dtype, device)
@@ -124,6 +126,11 @@ class GPTModel(nn.Module):
             self.embedding.word_embeddings.weight.shared_embedding = True
         self._input_tensor = None
 
+    def _run_layers(self, layers, h):
+        for layer in layers:
+            h = layer(h, self.rope)
+        return h
+
     def output_weight(self) -> torch.Tensor:
         if self.output_layer.weight is not None:
             return self.output_layer.weight
@@ -137,11 +144,16 @@ class GPTModel(nn.Module):
         with labels) or logits [b, s, vocab] (last chunk without labels; padding removed, TP gathered).
         """
         h = self.embedding(tokens) if self.pre_process else hidden_states
-        for layer in self.decoder.layers.values():
-            if layer.layer_number in self.recompute_layers and torch.is_grad_enabled():
-                h = checkpoint(layer, h, self.rope, use_reentrant=False)
+        layers = list(self.decoder.layers.values())
+        i = 0
+        while i < len(layers):
+            unit = self.recompute_units.get(layers[i].layer_number)
+            if unit and torch.is_grad_enabled():
+                h = checkpoint(self._run_layers, layers[i:i + len(unit)], h, use_reentrant=False)
+                i += len(unit)
             else:
-                h = layer(h, self.rope)
+                h = layers[i](h, self.rope)
+                i += 1
         if not self.post_process:
             return h
         h = self.decoder.final_layernorm(h)

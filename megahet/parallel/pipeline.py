@@ -46,20 +46,24 @@ def stage_layer_ranges(cfg: MegahetConfig, pp_rank: int) -> List[range]:
     return layers_per_stage(cfg.model.num_layers, p.pipeline_model_parallel_size, vpp, p.pipeline_layers)[pp_rank]
 
 
-def recompute_layers(cfg: MegahetConfig, ranges: Sequence[range]) -> List[int]:
-    """Layers recomputed in backward under --recompute-granularity full.
+def recompute_units(cfg: MegahetConfig, ranges: Sequence[range]) -> List[List[int]]:
+    """Groups of consecutive layers recomputed together under --recompute-granularity full (Megatron).
 
-    uniform: every layer (recompute units of --recompute-num-layers layers are approximated per layer);
-    block: the first --recompute-num-layers layers of each chunk.
+    uniform: each chunk's layers in units of --recompute-num-layers (only each unit's input is kept);
+    block: the first --recompute-num-layers layers of each chunk, one layer per unit, the rest not at all.
     """
     t = cfg.train
     if t.recompute_granularity != "full":
         return []
-    out: List[int] = []
+    n = max(1, t.recompute_num_layers)
+    units: List[List[int]] = []
     for r in ranges:
         ids = list(r)
-        out += ids if t.recompute_method == "uniform" else ids[:t.recompute_num_layers]
-    return out
+        if t.recompute_method == "uniform":
+            units += [ids[i:i + n] for i in range(0, len(ids), n)]
+        else:
+            units += [[i] for i in ids[:n]]
+    return units
 
 
 def schedule_name(cfg: MegahetConfig, num_microbatches: int) -> str:

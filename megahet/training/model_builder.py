@@ -9,7 +9,7 @@ from megahet.config import MegahetConfig
 from megahet.models.gpt import GPTModel
 from megahet.models.transformer import is_moe_layer
 from megahet.parallel.context import ParallelContext
-from megahet.parallel.pipeline import recompute_layers, stage_layer_ranges
+from megahet.parallel.pipeline import recompute_units, stage_layer_ranges
 
 
 def params_dtype(cfg: MegahetConfig) -> torch.dtype:
@@ -34,7 +34,7 @@ def build_model_chunks(cfg: MegahetConfig, ctx: ParallelContext, vocab_size: int
                        moe_tracker=None) -> List[GPTModel]:
     """One GPTModel per model chunk this pipeline rank holds (several with the interleaved schedule)."""
     ranges = stage_layer_ranges(cfg, ctx.pp_rank)
-    recompute = recompute_layers(cfg, ranges)
+    units = recompute_units(cfg, ranges)
     chunks = []
     for c, layers in enumerate(ranges):
         chunks.append(GPTModel(
@@ -42,5 +42,5 @@ def build_model_chunks(cfg: MegahetConfig, ctx: ParallelContext, vocab_size: int
             post_process=ctx.is_last_stage and c == len(ranges) - 1, vocab_size=vocab_size,
             padded_vocab_size=padded_vocab_size, sequence_parallel=cfg.parallel.sequence_parallel,
             seed=cfg.train.seed, dtype=params_dtype(cfg), recompute=cfg.train.recompute_granularity,
-            recompute_layers=recompute, moe_tracker=moe_tracker))
+            recompute_units=units, moe_tracker=moe_tracker))
     return chunks

@@ -37,6 +37,8 @@ def _check(reference, results, atol=2e-6):
     (4, dict(pipeline_model_parallel_size=4, num_layers=6, pipeline_layers=[1, 2, 2, 1]), "1f1b"),
     (2, dict(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1), "interleaved"),
     (2, dict(pipeline_model_parallel_size=2, recompute_granularity="full"), "afab"),
+    (2, dict(pipeline_model_parallel_size=2, recompute_granularity="full", recompute_num_layers=2), "1f1b"),
+    (2, dict(pipeline_model_parallel_size=2, recompute_granularity="full", recompute_method="block"), "1f1b"),
     (2, dict(pipeline_model_parallel_size=2, recompute_granularity="selective"), "1f1b"),
 ])
 def test_pipeline_matches_single_process(world, over, schedule):
