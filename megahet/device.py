@@ -1,7 +1,7 @@
 """Backend interface and registry: the one place that knows which hardware a rank runs on.
 
 Framework code asks its rank's ``Backend`` for the torch device, the collective library, RNG, memory,
-peak FLOP/s and the kernel table, and never touches ``torch.cuda`` or ``torch_npu`` itself. Backends
+peak FLOP/s and the kernel table, and never touches a vendor runtime (CUDA, Ascend) itself. Backends
 are plugins found through the entry-point group ``megahet.backends`` (built-ins included), so a
 vendor package can add one without patching megahet. Importing this module imports no vendor module
 and does not initialise CUDA.

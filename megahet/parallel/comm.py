@@ -56,7 +56,7 @@ class CommGroup:
         my_rank: this process's global rank.
         pg: the torch process group (None when the group has one member).
         bridged: True when the members span communication domains (host-staged gloo).
-        library: the collective library of `pg` ("gloo", "nccl", "hccl").
+        library: the collective library of `pg` (gloo, nccl or hccl).
         name: for logs and errors.
         device: this rank's compute device (where a native group's tensors live).
     """

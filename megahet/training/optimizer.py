@@ -51,11 +51,6 @@ class Piece:
     hi: int
 
 
-def gather_full_param(tensor: torch.Tensor, like_param: torch.Tensor, ctx) -> torch.Tensor:
-    """Full (unsharded) tensor of a param-shaped `tensor`: gathered over TP (tp_dim) and, for experts, EP (ep_dim)."""
-    return gather_param_full(tensor, like_param, ctx)
-
-
 def no_weight_decay(param: torch.Tensor) -> bool:
     """Megatron's rule: biases and 1-D params (norm weights) are not decayed."""
     return param.ndim == 1 or getattr(param, "global_name", "").endswith(".bias")
@@ -212,7 +207,7 @@ class MixedPrecisionOptimizer:
         out: Dict[str, Dict[str, torch.Tensor]] = {}
         step = torch.tensor(float(self.num_steps))
         for p in self.params:
-            full = {k: gather_full_param(v, p, self.ctx).detach().float().clone() for k, v in local[id(p)].items()}
+            full = {k: gather_param_full(v, p, self.ctx).detach().float().clone() for k, v in local[id(p)].items()}
             full["step"] = step.clone()
             out[p.global_name] = full
         return out
