@@ -13,9 +13,8 @@ from typing import Callable, Optional
 
 import torch
 
-from megahet.backends.cpu import (sdpa_causal_attention, torch_grouped_matmul, torch_native_kernels,
-                                  torch_rms_norm)
-from megahet.device import GIB, Backend, measure_matmul_flops
+from megahet.backends.cpu import sdpa_causal_attention, torch_native_kernels, torch_rms_norm
+from megahet.device import GIB, Backend, datasheet_peak_flops
 from megahet.kernels import Kernels, check_attention_shapes
 
 logger = logging.getLogger(__name__)
@@ -145,18 +144,11 @@ class CUDABackend(Backend):
         torch.cuda.reset_peak_memory_stats()
 
     def default_peak_flops(self, dtype: torch.dtype) -> float:
-        name = torch.cuda.get_device_name()
-        peak = lookup_peak_flops(name, dtype)
-        if peak is None:
-            logger.warning("no datasheet peak for %s in %s; measuring a matmul (set peak_tflops to "
-                           "override)", name, dtype)
-            peak = measure_matmul_flops(self, dtype, max_size=8192)
-        return peak
+        return datasheet_peak_flops(self, torch.cuda.get_device_name(), dtype, lookup_peak_flops)
 
     def build_kernels(self) -> Kernels:
         rms_norm = make_rms_norm(_load_apex_rms_norm())
         attention = make_causal_attention(_load_flash_attn())
-        kernels = torch_native_kernels().replace(rms_norm=rms_norm, causal_attention=attention,
-                                                 grouped_matmul=torch_grouped_matmul)
+        kernels = torch_native_kernels().replace(rms_norm=rms_norm, causal_attention=attention)
         logger.info("cuda kernels: %s", kernels.describe())
         return kernels

@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 
 from megahet.backends.cpu import sdpa_causal_attention, torch_layer_norm
-from megahet.device import GIB, Backend, measure_matmul_flops
+from megahet.device import GIB, Backend, datasheet_peak_flops
 from megahet.errors import MegahetError
 from megahet.kernels import (Kernels, TokenCounts, check_attention_shapes, expert_split_sizes,
                              reference_apply_rotary, reference_grouped_matmul, reference_rms_norm)
@@ -203,13 +203,7 @@ class NPUBackend(Backend):
 
     def default_peak_flops(self, dtype: torch.dtype) -> float:
         _torch_npu()
-        name = torch.npu.get_device_name()
-        peak = lookup_peak_flops(name, dtype)
-        if peak is None:
-            logger.warning("no table peak for %s in %s; measuring a matmul (set peak_tflops to "
-                           "override)", name, dtype)
-            peak = measure_matmul_flops(self, dtype, max_size=8192)
-        return peak
+        return datasheet_peak_flops(self, torch.npu.get_device_name(), dtype, lookup_peak_flops)
 
     def build_kernels(self) -> Kernels:
         _torch_npu()

@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import yaml
 
@@ -173,12 +173,6 @@ class MegahetConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    # Derived values used across the code base.
-    @property
-    def kv_heads(self) -> int:
-        m = self.model
-        return m.num_query_groups if (m.group_query_attention and m.num_query_groups) else m.num_attention_heads
-
 
 SECTIONS = [f.name for f in dataclasses.fields(MegahetConfig)]
 
@@ -337,8 +331,8 @@ def parse_args(argv=None) -> MegahetConfig:
 
 
 def finalize(cfg: MegahetConfig) -> None:
-    """Fill derived defaults (ffn size, positions, query groups)."""
-    m = cfg.model
+    """Fill derived defaults (ffn size, positions, query groups, recompute method, mock vocabulary)."""
+    m, t, d = cfg.model, cfg.train, cfg.data
     if m.ffn_hidden_size is None:
         if m.swiglu:
             m.ffn_hidden_size = int(((8 * m.hidden_size // 3) + 63) // 64 * 64)
@@ -356,6 +350,10 @@ def finalize(cfg: MegahetConfig) -> None:
         m.kv_channels = m.hidden_size // m.num_attention_heads
     if m.num_experts and m.moe_ffn_hidden_size is None:
         m.moe_ffn_hidden_size = m.ffn_hidden_size
+    if t.recompute_granularity == "full" and t.recompute_method is None:
+        t.recompute_method = "uniform"
+    if d.mock_data and m.vocab_size is None:
+        m.vocab_size = 32000
 
 
 def _err(msg: str):
@@ -369,7 +367,8 @@ def validate_config(cfg: MegahetConfig, world_size: Optional[int] = None) -> Non
     for name, v in [("tensor-model-parallel-size", tp), ("pipeline-model-parallel-size", pp),
                     ("expert-model-parallel-size", ep), ("num-layers", m.num_layers), ("hidden-size", m.hidden_size),
                     ("num-attention-heads", m.num_attention_heads), ("micro-batch-size", t.micro_batch_size),
-                    ("global-batch-size", t.global_batch_size), ("seq-length", m.seq_length)]:
+                    ("global-batch-size", t.global_batch_size), ("seq-length", m.seq_length),
+                    ("log-interval", cfg.logging.log_interval)]:
         if v < 1:
             _err(f"--{name} must be >= 1, got {v}")
     if m.hidden_size % m.num_attention_heads:
@@ -415,8 +414,6 @@ def validate_config(cfg: MegahetConfig, world_size: Optional[int] = None) -> Non
         _err("set --train-iters or --train-samples")
     if t.min_lr > t.lr:
         _err(f"--min-lr {t.min_lr} is larger than --lr {t.lr}")
-    if t.recompute_granularity == "full" and t.recompute_method is None:
-        t.recompute_method = "uniform"
     if p.pipeline_layers is not None:
         if len(p.pipeline_layers) not in (pp, pp * max(1, _vpp(cfg))):
             _err(f"--pipeline-layers has {len(p.pipeline_layers)} entries but --pipeline-model-parallel-size is {pp}; "
@@ -426,10 +423,8 @@ def validate_config(cfg: MegahetConfig, world_size: Optional[int] = None) -> Non
                  f"not --num-layers {m.num_layers}; make them agree")
     if not d.mock_data and d.tokenizer_type == "NullTokenizer" and d.data_path is None:
         _err("--tokenizer-type NullTokenizer without --data-path needs --mock-data")
-    if (d.mock_data or d.tokenizer_type == "NullTokenizer") and m.vocab_size is None:
-        m.vocab_size = 32000 if d.mock_data else m.vocab_size
-        if m.vocab_size is None:
-            _err("--tokenizer-type NullTokenizer needs --vocab-size")
+    if d.tokenizer_type == "NullTokenizer" and m.vocab_size is None:
+        _err("--tokenizer-type NullTokenizer needs --vocab-size")
     if world_size is not None:
         validate_world(cfg, world_size)
 
@@ -440,11 +435,6 @@ def _vpp(cfg: MegahetConfig) -> int:
         return 1
     per_stage = m.num_layers // p.pipeline_model_parallel_size
     return max(1, per_stage // p.num_layers_per_virtual_pipeline_stage)
-
-
-def data_parallel_size(cfg: MegahetConfig, world_size: int) -> int:
-    p = cfg.parallel
-    return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
 
 
 def validate_world(cfg: MegahetConfig, world_size: int) -> None:

@@ -15,7 +15,7 @@ import os
 import resource
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -203,6 +203,17 @@ def measure_matmul_flops(backend: Backend, dtype: torch.dtype, max_size: int = 1
     logger.info("measured %.3g TFLOP/s for %s %dx%d matmul on %s", _MEASURED_FLOPS[key] / 1e12,
                 dtype, size, size, device)
     return _MEASURED_FLOPS[key]
+
+
+def datasheet_peak_flops(backend: Backend, device_name: str, dtype: torch.dtype,
+                         lookup: Callable[[str, torch.dtype], Optional[float]]) -> float:
+    """`lookup`'s table peak for the device, else (with a warning) a measured matmul."""
+    peak = lookup(device_name, dtype)
+    if peak is None:
+        logger.warning("no datasheet peak for %s in %s; measuring a matmul (set peak_tflops to override)",
+                       device_name, dtype)
+        peak = measure_matmul_flops(backend, dtype, max_size=8192)
+    return peak
 
 
 # -- registry -----------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from megahet.models.gpt import GPTModel
 from megahet.parallel.context import single_process_context
 from megahet.tokenizer import padded_vocab_size
 from megahet.training import checkpoint as ckpt
+from megahet.training.model_builder import build_moe_tracker
 
 
 class LoadedModel(torch.nn.Module):
@@ -41,13 +42,9 @@ def load_model(checkpoint_dir: str, backend: str = "cpu", dtype: torch.dtype = t
     ctx = single_process_context(backend)
     vocab = int(meta["vocab_size"])
     padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, 1)
-    tracker = None
-    if cfg.model.num_experts:
-        from megahet.training.model_builder import build_moe_tracker
-        tracker = build_moe_tracker(cfg)
     model = GPTModel(cfg.model, ctx, layer_ids=range(cfg.model.num_layers), pre_process=True, post_process=True,
                      vocab_size=vocab, padded_vocab_size=padded, seed=cfg.train.seed, dtype=dtype,
-                     moe_tracker=tracker)
-    ckpt.load_checkpoint(path, [model], None, ctx, vocab_size=vocab)
+                     moe_tracker=build_moe_tracker(cfg))
+    ckpt.load_checkpoint_at(path, meta, [model], None, ctx, vocab_size=vocab)
     model.eval()
     return LoadedModel(model, cfg, dtype)

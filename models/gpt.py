@@ -6,7 +6,6 @@ unsharded model's names (`decoder.layers.<global index>...`), which checkpoints 
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -17,7 +16,8 @@ from megahet.config import ModelConfig
 from megahet.parallel import collectives as C
 from megahet.parallel.context import ParallelContext
 from megahet.parallel.init import init_full_normal
-from megahet.parallel.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
+from megahet.parallel.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding, padded_vocab_weight,
+                                               tp_parameter, vocab_parallel_cross_entropy)
 from megahet.models.transformer import Norm, TransformerLayer, rotary_tables
 
 EMBEDDING_WEIGHT = "embedding.word_embeddings.weight"
@@ -46,7 +46,7 @@ class Embedding(nn.Module):
         h = self.word_embeddings(tokens)  # [s(/tp), b, h]
         if self.position_embeddings is not None:
             s_local = h.shape[0]
-            start = self.ctx.tp_group.rank * s_local if self.sequence_parallel and self.ctx.tp_group.size > 1 else 0
+            start = self.ctx.tp_group.rank * s_local if self.sequence_parallel else 0  # this rank's sequence shard
             h = h + self.position_embeddings[start:start + s_local].unsqueeze(1)
         return h
 
@@ -79,6 +79,7 @@ class GPTModel(nn.Module):
         self.pre_process, self.post_process = pre_process, post_process
         self.sequence_parallel = sequence_parallel and ctx.tp_group.size > 1
         self.vocab_size, self.padded_vocab_size = vocab_size, padded_vocab_size
+        self.vocab_start = ctx.tp_group.rank * (padded_vocab_size // ctx.tp_group.size)  # of this rank's logits
         self.layer_ids = list(layer_ids)
         # First layer of a unit -> the unit's layers.
         self.recompute_units = {u[0]: list(u) for u in recompute_units if u} if recompute == "full" else {}
@@ -104,14 +105,11 @@ class GPTModel(nn.Module):
             self.output_layer = ColumnParallelLinear(
                 cfg.hidden_size, padded_vocab_size, group=ctx.tp_group, name=name, seed=seed,
                 init_std=cfg.init_method_std, sequence_parallel=self.sequence_parallel, dtype=dtype, device=device,
-                create_weight=own_output)
-            if own_output:
-                full = torch.zeros(padded_vocab_size, cfg.hidden_size)
-                full[:vocab_size] = init_full_normal((vocab_size, cfg.hidden_size), cfg.init_method_std, seed,
-                                                     f"{name}.weight")
-                from megahet.parallel.sharding import shard_tensor
-                with torch.no_grad():
-                    self.output_layer.weight.copy_(shard_tensor(full, 0, ctx.tp_group.rank, ctx.tp_group.size))
+                create_weight=False)
+            if own_output:  # padding rows zero, as the embedding's
+                full = padded_vocab_weight(vocab_size, padded_vocab_size, cfg.hidden_size, cfg.init_method_std, seed,
+                                           f"{name}.weight")
+                self.output_layer.weight = tp_parameter(full, ctx.tp_group, 0, 1, dtype, device)
         for pname, p in self.named_parameters():
             p.global_name = pname
         # Checkpoints store only the real vocabulary rows: padding depends on the layout.
@@ -161,26 +159,7 @@ class GPTModel(nn.Module):
         if labels is None:
             full = C.gather_from_tensor_parallel_region(logits, self.ctx.tp_group)  # [s, b, v_pad]
             return full[..., :self.vocab_size].transpose(0, 1).float()  # [b, s, v]
-        tp = self.ctx.tp_group
-        vocab_start = tp.rank * (self.padded_vocab_size // tp.size) if tp.size > 1 else 0
-        loss = vocab_parallel_cross_entropy(logits, labels.t(), tp, vocab_start, self.vocab_size)  # [s, b]
+        loss = vocab_parallel_cross_entropy(logits, labels.t(), self.ctx.tp_group, self.vocab_start,
+                                            self.vocab_size)  # [s, b]
         return loss.t()  # [b, s]
 
-
-def count_parameters(cfg: ModelConfig, vocab_size: int) -> int:
-    """Parameters of the full (unsharded) model, for logs and FLOP estimates."""
-    h, L = cfg.hidden_size, cfg.num_layers
-    d = cfg.kv_channels
-    attn = h * (cfg.num_attention_heads + 2 * cfg.num_query_groups) * d + cfg.num_attention_heads * d * h
-    mlp_dense = h * cfg.ffn_hidden_size * (3 if cfg.swiglu else 2)
-    total = vocab_size * h * (1 if not cfg.untie_embeddings_and_output_weights else 2) + h
-    for i in range(L):
-        total += attn + 2 * h
-        if cfg.num_experts and i % max(1, cfg.moe_layer_freq) == 0:
-            per_expert = h * cfg.moe_ffn_hidden_size * (3 if cfg.swiglu else 2)
-            total += cfg.num_experts * per_expert + h * cfg.num_experts
-            if cfg.moe_shared_expert_intermediate_size:
-                total += h * cfg.moe_shared_expert_intermediate_size * (3 if cfg.swiglu else 2)
-        else:
-            total += mlp_dense
-    return int(total)

@@ -41,6 +41,19 @@ class Norm(nn.Module):
         return self.kernels.layer_norm(x, self.weight, self.bias, self.eps)
 
 
+def init_stds(cfg: ModelConfig) -> Tuple[float, float]:
+    """Init std of input projections and of output projections (scaled by depth, as Megatron)."""
+    return cfg.init_method_std, cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers)
+
+
+def ffn_activation(h: torch.Tensor, swiglu: bool, kernels) -> torch.Tensor:
+    """SwiGLU over the [gate; up] halves of the last dim, or GeLU. [..., chunks*f] -> [..., f]."""
+    if swiglu:
+        gate, up = h.chunk(2, dim=-1)  # [..., f] each
+        return kernels.swiglu(gate, up)
+    return F.gelu(h)
+
+
 def rotary_tables(seq_len: int, dim: int, base: float, device) -> Tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [s, 1, 1, d] (fp32) for the rotate-half RoPE convention (HF Llama compatible)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
@@ -70,7 +83,7 @@ class SelfAttention(nn.Module):
         self.use_rope = cfg.position_embedding_type == "rope"
         qkv_size = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * self.head_dim
         bias = not cfg.disable_bias_linear
-        std, out_std = cfg.init_method_std, cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers)
+        std, out_std = init_stds(cfg)
         self.linear_qkv = ColumnParallelLinear(cfg.hidden_size, qkv_size, group=ctx.tp_group, name=f"{prefix}.linear_qkv",
                                                seed=seed, init_std=std, bias=bias, sequence_parallel=sequence_parallel,
                                                dtype=dtype, device=device)
@@ -98,10 +111,10 @@ class SelfAttention(nn.Module):
             q = self.kernels.apply_rotary(q, cos[:s], sin[:s])
             k = self.kernels.apply_rotary(k, cos[:s], sin[:s])
         if self.recompute_core and torch.is_grad_enabled():
-            ctx = checkpoint(self._core, q, k, v, use_reentrant=False)  # selective recompute: attention only
+            out = checkpoint(self._core, q, k, v, use_reentrant=False)  # selective recompute: attention only
         else:
-            ctx = self._core(q, k, v)
-        return self.linear_proj(ctx.reshape(s, b, self.heads_local * self.head_dim))
+            out = self._core(q, k, v)  # [s, b, nq/tp, d]
+        return self.linear_proj(out.reshape(s, b, self.heads_local * self.head_dim))  # [s(/tp), b, h]
 
 
 class MLP(nn.Module):
@@ -113,7 +126,7 @@ class MLP(nn.Module):
         ffn = ffn_hidden_size or cfg.ffn_hidden_size
         self.swiglu, self.kernels = cfg.swiglu, ctx.kernels
         bias = not cfg.disable_bias_linear
-        std, out_std = cfg.init_method_std, cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers)
+        std, out_std = init_stds(cfg)
         chunks = 2 if cfg.swiglu else 1
         self.linear_fc1 = ColumnParallelLinear(cfg.hidden_size, ffn * chunks, group=ctx.tp_group,
                                                name=f"{prefix}.linear_fc1", seed=seed, init_std=std, bias=bias,
@@ -125,12 +138,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h = self.linear_fc1(x)  # [s, b, chunks * ffn/tp]
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = self.kernels.swiglu(gate, up)
-        else:
-            h = F.gelu(h)
-        return self.linear_fc2(h)
+        return self.linear_fc2(ffn_activation(h, self.swiglu, self.kernels))  # [s, b, ffn/tp] -> [s(/tp), b, h]
 
 
 def is_moe_layer(cfg: ModelConfig, layer_number: int) -> bool:

@@ -36,17 +36,7 @@ class NullTokenizer(AbstractTokenizer):
         return " ".join(str(int(i)) for i in ids)
 
     @property
-    def bos(self) -> int:
-        return self._vocab_size - 1
-
-    @property
     def eos(self) -> int:
         return self._vocab_size - 1
 
-    @property
-    def pad(self) -> int:
-        return self._vocab_size - 1
-
-    @property
-    def eod(self) -> int:
-        return self._vocab_size - 1
+    bos = pad = eos  # the one special id (eod is eos, as in the base class)

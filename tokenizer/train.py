@@ -3,7 +3,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 from typing import Iterable
 
 from megahet.errors import MegahetError
@@ -59,18 +58,6 @@ def _sentences(inputs, json_keys):
         yield from _lines_of(text)
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-    handle, temp = tempfile.mkstemp(prefix=".tokenizer-", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
-
-
 def train_sentencepiece(inputs: "Iterable[str] | str", model_prefix: str, vocab_size: int, *,
                         json_keys=("text",), input_sentence_size: int = 1_000_000,
                         max_sentence_length: int = 8192, character_coverage: float = 0.9995,
@@ -89,6 +76,8 @@ def train_sentencepiece(inputs: "Iterable[str] | str", model_prefix: str, vocab_
     Training is deterministic for a given input and seed. Files appear atomically (temp + rename).
     """
     import sentencepiece
+
+    from megahet.data.cache import atomic_write_bytes  # here: megahet.data imports this package
 
     if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
         raise MegahetError(f"tokenizer vocab_size {vocab_size} is too small; byte fallback needs "
@@ -116,7 +105,7 @@ def train_sentencepiece(inputs: "Iterable[str] | str", model_prefix: str, vocab_
     processor = sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
     vocab = "".join(f"{processor.IdToPiece(i)}\t{processor.GetScore(i):g}\n"
                     for i in range(processor.GetPieceSize()))
-    _write_atomically(model_prefix + ".vocab", vocab.encode("utf-8"))
-    _write_atomically(model_prefix + ".model", model.getvalue())  # last: its presence means both exist
+    atomic_write_bytes(model_prefix + ".vocab", vocab.encode("utf-8"))
+    atomic_write_bytes(model_prefix + ".model", model.getvalue())  # last: its presence means both exist
     logger.info("trained tokenizer %s.model (vocab %d) on %d lines", model_prefix, vocab_size, len(lines))
     return model_prefix + ".model"

@@ -24,10 +24,10 @@ import torch
 
 from megahet.config import build_config
 from megahet.models.gpt import GPTModel
-from megahet.moe import MoETracker
 from megahet.moe.layer import MoELayer
 from megahet.parallel.context import build_parallel_context
 from megahet.testing import run_distributed
+from megahet.training.model_builder import build_moe_tracker
 
 
 def _config(args, moe: bool, ep: int, dispatcher: str):
@@ -40,17 +40,16 @@ def _config(args, moe: bool, ep: int, dispatcher: str):
                     moe_aux_loss_coeff=0.01)
     else:
         over.update(ffn_hidden_size=args.topk * args.moe_ffn + args.shared)
-    return build_config(overrides=over).model
+    return build_config(overrides=over)
 
 
 def bench_rank(args, moe: bool, ep: int, dispatcher: str) -> dict:
     """One rank: warmup + measured forward/backward steps; per-step seconds and dispatch seconds."""
     ctx = build_parallel_context(ep=ep, backend_name="cpu", timeout_s=600)
     cfg = _config(args, moe, ep, dispatcher)
-    moe_ids = [i for i in range(cfg.num_layers)] if moe else []
-    tracker = MoETracker(cfg.num_layers, moe_ids, cfg.num_experts) if moe else None
-    model = GPTModel(cfg, ctx, layer_ids=range(cfg.num_layers), pre_process=True, post_process=True,
-                     vocab_size=args.vocab, padded_vocab_size=args.vocab, seed=1234, moe_tracker=tracker)
+    model = GPTModel(cfg.model, ctx, layer_ids=range(cfg.model.num_layers), pre_process=True, post_process=True,
+                     vocab_size=args.vocab, padded_vocab_size=args.vocab, seed=1234,
+                     moe_tracker=build_moe_tracker(cfg))
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     for layer in layers:
         layer.profile = True

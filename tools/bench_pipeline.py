@@ -22,6 +22,7 @@ from megahet.parallel.pipeline import forward_backward
 from megahet.parallel.schedule_trace import ScheduleTracer, bubble_fraction, theoretical_bubble
 from megahet.testing import run_distributed
 from megahet.training.model_builder import build_model_chunks
+from megahet.training.trace_export import align_to_start
 
 VOCAB = 512
 MBS = 4
@@ -110,13 +111,7 @@ def measure_bubble(pp, m, schedule, vpp_layers, speed, repeats=2):
     layers = pp * 2
     res = run_distributed(pipeline_run, pp, pp, layers, m, schedule, vpp_layers, speed, None, repeats,
                           timeout=600, env={"MEGAHET_TEST_THREADS": "1"})
-    fractions = []
-    for rep in range(repeats):
-        per_rank = [res[r][0][rep] for r in range(pp)]
-        t0 = min(e.start for r in per_rank for e in r)
-        fractions.append(bubble_fraction([[e.__class__(e.name, e.category, e.start - t0, e.end - t0) for e in r]
-                                          for r in per_rank]))
-    return min(fractions)
+    return min(bubble_fraction(align_to_start([res[r][0][rep] for r in range(pp)])) for rep in range(repeats))
 
 
 def main():

@@ -6,14 +6,13 @@ from megahet.data.blended_dataset import BlendedDataset, parse_data_path
 from megahet.data.gpt_dataset import SPLIT_NAMES, GPTDataset, split_ranges
 from megahet.data.indexed_dataset import IndexedDataset
 from megahet.data.mock_dataset import MockGPTDataset
-from megahet.data.sampler import GlobalBatchSampler, collate, get_global_batch, split_for_replicas
 from megahet.errors import MegahetError
 
 logger = logging.getLogger(__name__)
 
 MOCK_DEFAULT_SAMPLES = 1024  # mock splits asked for "one epoch" (num_samples None) get this many
 
-__all__ = ["build_datasets", "GlobalBatchSampler", "get_global_batch", "split_for_replicas", "collate"]
+__all__ = ["build_datasets"]
 
 
 def build_datasets(data_path: "list[str] | None", split: str, seq_length: int, seed: int,

@@ -5,13 +5,10 @@ half-written file even where locks do not work (some network filesystems), at wo
 """
 import contextlib
 import json
-import logging
 import os
 import tempfile
 
 import numpy as np
-
-logger = logging.getLogger(__name__)
 
 try:
     import fcntl
@@ -49,17 +46,26 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write `data` to `path` so readers see either the old file or the whole new one."""
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "wb", **kwargs):
+    """Write through a temp file that replaces `path` (fsynced) only when the block succeeds."""
     temp = temp_path_for(path)
     try:
-        with open(temp, "wb") as handle:
-            handle.write(data)
+        with open(temp, mode, **kwargs) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         raise
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write `data` to `path` so readers see either the old file or the whole new one."""
+    with atomic_open(path) as handle:
+        handle.write(data)
 
 
 def atomic_write_json(path: str, obj) -> None:
@@ -68,12 +74,5 @@ def atomic_write_json(path: str, obj) -> None:
 
 def atomic_save_npy(path: str, array: np.ndarray) -> None:
     """np.save to `path` atomically (np.save appends .npy to names without it, so write via a handle)."""
-    temp = temp_path_for(path)
-    try:
-        with open(temp, "wb") as handle:
-            np.save(handle, array, allow_pickle=False)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
+    with atomic_open(path) as handle:
+        np.save(handle, array, allow_pickle=False)

@@ -20,7 +20,7 @@ import sysconfig
 import tokenize
 from typing import Iterator
 
-from megahet.data.cache import atomic_write_json, file_lock, temp_path_for
+from megahet.data.cache import atomic_open, atomic_write_json, file_lock
 from megahet.data.indexed_dataset import dataset_exists
 from megahet.data.preprocess import preprocess_data
 from megahet.errors import MegahetError
@@ -113,19 +113,14 @@ def iter_corpus(max_docs: "int | None" = None) -> Iterator[dict]:
 
 def write_corpus(path: str, max_docs: "int | None" = None) -> int:
     """Write the corpus JSONL atomically; returns the number of documents."""
-    temp, count = temp_path_for(path), 0
-    try:
-        with open(temp, "w", encoding="utf-8") as handle:
-            for document in iter_corpus(max_docs):
-                handle.write(json.dumps(document, ensure_ascii=False) + "\n")
-                count += 1
+    count = 0
+    with atomic_open(path, "w", encoding="utf-8") as handle:
+        for document in iter_corpus(max_docs):
+            handle.write(json.dumps(document, ensure_ascii=False) + "\n")
+            count += 1
         if count == 0:
             raise MegahetError("no docstrings found in this Python's standard library sources; "
                                "pass --data-path and --tokenizer-model instead of the built-in corpus")
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
     return count
 
 

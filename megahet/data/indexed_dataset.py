@@ -201,6 +201,7 @@ class IndexedDataset:
         self.sequence_pointers = np.frombuffer(raw, np.int64, count, offset)
         self.document_indices = np.frombuffer(raw, np.int64, docs + 1, offset + 8 * count)
         self.sequence_lengths = np.frombuffer(raw, np.int32, count, offset + 8 * count + 8 * (docs + 1))
+        self.num_tokens = int(self.sequence_lengths.sum(dtype=np.int64))
         self._validate(idx_path, bin_path)
         self._bin = b""
         if os.path.getsize(bin_path):
@@ -209,7 +210,7 @@ class IndexedDataset:
 
     def _validate(self, idx_path: str, bin_path: str) -> None:
         lengths = self.sequence_lengths.astype(np.int64)
-        nbytes = int(lengths.sum()) * self.dtype.itemsize
+        nbytes = self.num_tokens * self.dtype.itemsize
         docs = self.document_indices
         starts = _pointers(lengths, self.dtype.itemsize)
         if (lengths < 0).any() or not np.array_equal(starts, self.sequence_pointers) or (
@@ -228,10 +229,6 @@ class IndexedDataset:
     @property
     def num_documents(self) -> int:
         return len(self.document_indices) - 1
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.sequence_lengths.sum(dtype=np.int64))
 
     @property
     def vocab_size_hint(self) -> int:

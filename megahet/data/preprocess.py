@@ -76,9 +76,10 @@ _worker_tokenizer = None
 _worker_append_eod = False
 
 
-def _init_worker(tokenizer_args, append_eod: bool) -> None:
+def _init_worker(tokenizer_args, append_eod: bool, tokenizer=None) -> None:
+    """Set the encoding globals; a pool worker builds its own tokenizer, this process reuses its one."""
     global _worker_tokenizer, _worker_append_eod
-    _worker_tokenizer = build_tokenizer(*tokenizer_args)
+    _worker_tokenizer = tokenizer if tokenizer is not None else build_tokenizer(*tokenizer_args)
     _worker_append_eod = append_eod
 
 
@@ -179,7 +180,7 @@ def preprocess_data(input_path: str, output_prefix: str, tokenizer_type: str,
         pool = multiprocessing.Pool(workers, _init_worker, (tokenizer_args, append_eod))
         encoded = pool.imap(_encode, documents, chunksize=64)
     else:
-        _init_worker(tokenizer_args, append_eod)
+        _init_worker(tokenizer_args, append_eod, tokenizer)
         encoded = map(_encode, documents)
     try:
         finished = _encode_chunks(encoded, output_prefix, tokenizer.vocab_size, done, chunk_docs, fingerprint,

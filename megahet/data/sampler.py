@@ -3,7 +3,7 @@
 Replicas then take contiguous chunks of each global batch (sized by the plan, possibly unevenly), so the
 same seed trains on the same samples under every layout, and resuming needs only consumed_samples.
 """
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -54,8 +54,8 @@ def get_global_batch(dataset, consumed_samples: int, global_batch_size: int, wra
     return [dataset[index % len(dataset) if wrap else index] for index in range(consumed_samples, end)]
 
 
-def split_for_replicas(samples: list, replica_sizes: list[int]) -> list[list]:
-    """Replica r gets the next `replica_sizes[r]` samples, in order (uneven sizes allowed)."""
+def split_for_replicas(samples: Sequence, replica_sizes: list[int]) -> list[Sequence]:
+    """Replica r gets the next `replica_sizes[r]` samples (or sample indices), in order (uneven sizes allowed)."""
     if any(size < 0 for size in replica_sizes) or sum(replica_sizes) != len(samples):
         raise MegahetError(f"replica batch sizes {list(replica_sizes)} must be non-negative and sum to the "
                            f"global batch size {len(samples)}; fix the plan or --global-batch-size")

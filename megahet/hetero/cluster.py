@@ -66,22 +66,40 @@ def parse_cluster(raw: dict, source: str = "cluster spec") -> ClusterSpec:
         raise MegahetError(f"{source}: unknown top-level key(s) {sorted(unknown)}; allowed: groups, links")
     groups = []
     for i, g in enumerate(raw["groups"]):
+        if not isinstance(g, dict):
+            raise MegahetError(f"{source}: group {i} must be a mapping such as {{backend: cpu, devices: 1}}")
         bad = set(g) - _GROUP_KEYS
         if bad:
             raise MegahetError(f"{source}: group {i} has unknown key(s) {sorted(bad)}; allowed: {sorted(_GROUP_KEYS)}")
         if "backend" not in g or "devices" not in g:
             raise MegahetError(f"{source}: group {i} needs 'backend' and 'devices'")
-        if int(g["devices"]) < 1:
-            raise MegahetError(f"{source}: group {i} must have devices >= 1")
+        devices = _positive(g["devices"], int)
+        if devices is None:
+            raise MegahetError(f"{source}: group {i} has devices {g['devices']!r}; give a whole number >= 1")
         groups.append(DeviceGroup(name=str(g.get("name", f"group{i}")), backend=str(g["backend"]),
-                                  devices=int(g["devices"]), devices_per_node=g.get("devices_per_node"),
+                                  devices=devices, devices_per_node=g.get("devices_per_node"),
                                   tflops=g.get("tflops"), memory_gb=g.get("memory_gb"), speed=g.get("speed"),
                                   domain=g.get("domain")))
     links = raw.get("links") or {}
+    if not isinstance(links, dict):
+        raise MegahetError(f"{source}: 'links' must be a mapping such as {{cross_domain: 10}} (GB/s)")
     bad = set(links) - _LINK_KEYS
     if bad:
         raise MegahetError(f"{source}: unknown link key(s) {sorted(bad)}; allowed: {sorted(_LINK_KEYS)}")
-    return ClusterSpec(groups, {k: float(v) for k, v in links.items()})
+    bandwidths = {k: _positive(v, float) for k, v in links.items()}
+    bad = sorted(k for k, v in bandwidths.items() if v is None)
+    if bad:
+        raise MegahetError(f"{source}: link(s) {bad} need a positive bandwidth in GB/s per direction")
+    return ClusterSpec(groups, bandwidths)
+
+
+def _positive(value, kind):
+    """`kind(value)` when that is a number > 0, else None."""
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None
 
 
 def load_cluster(path: str) -> ClusterSpec:

@@ -21,6 +21,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from megahet.errors import MegahetError
 from megahet.parallel import collectives as C
 from megahet.parallel.comm import CommGroup
 
@@ -159,7 +160,7 @@ class AllGatherDispatcher:
     def __init__(self, ep_group: CommGroup, num_experts: int, stopwatch: Optional[Stopwatch] = None):
         self.ep, self.num_experts = ep_group, num_experts
         self.num_local = num_experts // ep_group.size
-        self.first = ep_group.rank * self.num_local if ep_group.size > 1 else 0
+        self.first = ep_group.rank * self.num_local  # global id of this rank's first expert
         self.watch = stopwatch or Stopwatch()
 
     def _gather(self, x: torch.Tensor, grad: bool) -> torch.Tensor:
@@ -168,7 +169,7 @@ class AllGatherDispatcher:
         if grad:
             # Adjoint pair: all-gather forward, reduce-scatter of the partial grads backward.
             return C.gather_from_sequence_parallel_region(x, self.ep)  # [ep*N_max, ...]
-        return self.ep.all_gather(x.contiguous(), dim=0)
+        return self.ep.all_gather(x, dim=0)  # [ep*N_max, ...]
 
     def dispatch(self, hidden: torch.Tensor, indices: torch.Tensor,
                  keep: Optional[torch.Tensor]) -> Tuple[torch.Tensor, List[int]]:
@@ -201,7 +202,6 @@ class AllGatherDispatcher:
 
 def build_dispatcher(kind: str, ep_group: CommGroup, num_experts: int, stopwatch: Optional[Stopwatch] = None):
     """'alltoall' or 'allgather' (--moe-token-dispatcher-type)."""
-    from megahet.errors import MegahetError
     if kind == "alltoall":
         return AllToAllDispatcher(ep_group, num_experts, stopwatch)
     if kind == "allgather":

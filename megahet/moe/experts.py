@@ -8,26 +8,23 @@ Experts have no biases (as Megatron's grouped GEMM and Mixtral).
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megahet.config import ModelConfig
 from megahet.errors import MegahetError
+from megahet.models.transformer import ffn_activation, init_stds
 from megahet.parallel.context import ParallelContext
 from megahet.parallel.init import init_full_normal
-from megahet.parallel.sharding import set_tp_attributes, shard_tensor
+from megahet.parallel.sharding import shard_tensor
+from megahet.parallel.tensor_parallel import tp_parameter
 
 
 def _expert_param(full: torch.Tensor, ctx: ParallelContext, tp_dim: int, chunks: int, dtype, device) -> nn.Parameter:
-    ep, tp = ctx.ep_group, ctx.tp_group
-    local = full.chunk(ep.size, dim=0)[ep.rank] if ep.size > 1 else full  # [E/ep, ...]
-    local = shard_tensor(local, tp_dim, tp.rank, tp.size, chunks)
-    p = nn.Parameter(local.contiguous().to(device=device, dtype=dtype))
-    set_tp_attributes(p, tp_dim, chunks)
+    local = shard_tensor(full, 0, ctx.ep_group.rank, ctx.ep_group.size)  # [E/ep, ...]
+    p = tp_parameter(local, ctx.tp_group, tp_dim, chunks, dtype, device)
     # Expert grads are reduced over the expert-data-parallel group only, and checkpoints gather
     # them over EP along ep_dim (then over TP along tp_dim).
     p.is_expert, p.ep_dim = True, 0
@@ -55,9 +52,8 @@ class GroupedExperts(nn.Module):
             raise MegahetError(f"--moe-ffn-hidden-size {ffn} is not divisible by --tensor-model-parallel-size "
                                f"{ctx.tp_group.size}; pick a multiple of the tensor-parallel size")
         self.kernels, self.swiglu = ctx.kernels, cfg.swiglu
-        self.num_local_experts = e // ctx.ep_group.size
         chunks = 2 if cfg.swiglu else 1
-        std, out_std = cfg.init_method_std, cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers)
+        std, out_std = init_stds(cfg)
         fc1 = init_full_normal((e, h, chunks * ffn), std, seed, f"{prefix}.linear_fc1.weight")
         fc2 = init_full_normal((e, ffn, h), out_std, seed, f"{prefix}.linear_fc2.weight")
         self.linear_fc1 = _Linear(_expert_param(fc1, ctx, 2, chunks, dtype, device))  # [E/ep, h, chunks*ffn/tp]
@@ -67,9 +63,5 @@ class GroupedExperts(nn.Module):
         """x [T, h] sorted by local expert, tokens_per_expert E/ep ints -> [T, h], partial over TP."""
         x = x.to(self.linear_fc1.weight.dtype)
         h = self.kernels.grouped_matmul(x, self.linear_fc1.weight, tokens_per_expert)  # [T, chunks*ffn/tp]
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)  # [T, ffn/tp] each
-            h = self.kernels.swiglu(gate, up)
-        else:
-            h = F.gelu(h)
+        h = ffn_activation(h, self.swiglu, self.kernels)  # [T, ffn/tp]
         return self.kernels.grouped_matmul(h, self.linear_fc2.weight, tokens_per_expert)  # [T, h]

@@ -55,7 +55,7 @@ class MoELayer(nn.Module):
         if cfg.moe_expert_capacity_factor is not None and cfg.moe_expert_capacity_factor <= 0:
             raise MegahetError(f"--moe-expert-capacity-factor must be > 0, got {cfg.moe_expert_capacity_factor}; "
                                f"leave it unset for dropless routing")
-        self.cfg, self.ctx, self.layer_number, self.tracker = cfg, ctx, layer_number, tracker
+        self.cfg, self.layer_number, self.tracker = cfg, layer_number, tracker
         self.tp = ctx.tp_group
         self.sequence_parallel = sequence_parallel and self.tp.size > 1
         self.router = TopKRouter(cfg, f"{prefix}.router", seed, self.sequence_parallel, device)

@@ -61,23 +61,32 @@ class MoETracker:
 
     def reset(self) -> None:
         """Forget the statistics of the previous step (call at the start of each step)."""
-        n = len(self.moe_layer_ids)
-        self._aux = torch.zeros(n, dtype=torch.float64)
-        self._z = torch.zeros(n, dtype=torch.float64)
-        self._tokens = torch.zeros(n, self.num_experts, dtype=torch.float64)
+        # (slot, aux, z, tokens_per_expert, scale) as recorded: left on the device so forward never
+        # waits for it; only `report` (a logging step) reads them back.
+        self._records: List[tuple] = []
 
     @torch.no_grad()
     def record(self, layer_number: int, aux: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
                tokens_per_expert: Optional[torch.Tensor] = None) -> None:
         """Add one micro-batch's contribution. aux/z are weighted by `aux_loss_scale` here; a layer
         passes only the parts that, summed over the world, give the true value (see MoELayer)."""
-        i = self._slot[layer_number]
-        if aux is not None:
-            self._aux[i] += float(aux) * self.aux_loss_scale
-        if z is not None:
-            self._z[i] += float(z) * self.aux_loss_scale
-        if tokens_per_expert is not None:
-            self._tokens[i] += tokens_per_expert.detach().double().cpu()
+        detach = lambda t: None if t is None else t.detach()  # noqa: E731
+        self._records.append((self._slot[layer_number], detach(aux), detach(z), detach(tokens_per_expert),
+                              self.aux_loss_scale))
+
+    def _totals(self):
+        """This rank's per-layer sums (fp64, host) of the recorded aux, z and tokens per expert."""
+        n = len(self.moe_layer_ids)
+        aux, z = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        tokens = torch.zeros(n, self.num_experts, dtype=torch.float64)
+        for i, a, zz, t, scale in self._records:
+            if a is not None:
+                aux[i] += float(a) * scale
+            if zz is not None:
+                z[i] += float(zz) * scale
+            if t is not None:
+                tokens[i] += t.double().cpu()
+        return aux, z, tokens
 
     def report(self, ctx) -> dict:
         """Statistics of the step summed over every rank (collective over ctx.world_group: all call it).
@@ -88,7 +97,8 @@ class MoETracker:
         """
         n, e = len(self.moe_layer_ids), self.num_experts
         # One fixed-size tensor per rank: layers held elsewhere are zeros, so shapes match everywhere.
-        flat = torch.cat([self._aux, self._z, self._tokens.reshape(-1)]).to(ctx.world_group.device)  # [2n + n*E]
+        aux, z, tokens = self._totals()
+        flat = torch.cat([aux, z, tokens.reshape(-1)]).to(ctx.world_group.device)  # [2n + n*E]
         flat = ctx.world_group.all_reduce(flat).cpu()
         aux, z, tokens = flat[:n], flat[n:2 * n], flat[2 * n:].view(n, e)
         out = {"moe_aux_loss": float(aux.mean()) if n else 0.0, "moe_z_loss": float(z.mean()) if n else 0.0}

@@ -45,17 +45,17 @@ class _ReduceFromRegion(torch.autograd.Function):
         return grad, None
 
 
-class _ScatterToRegion(torch.autograd.Function):
-    """Forward keep this rank's slice of the last dim, backward all-gather it."""
+class _Split(torch.autograd.Function):
+    """Forward keep this rank's slice of `dim` (last: TP region, 0: sequence), backward all-gather it."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split(x, group, -1)
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _split(x, group, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.group.all_gather(grad.contiguous(), dim=-1), None
+        return ctx.group.all_gather(grad.contiguous(), dim=ctx.dim), None, None
 
 
 class _GatherFromRegion(torch.autograd.Function):
@@ -69,19 +69,6 @@ class _GatherFromRegion(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _split(grad, ctx.group, -1), None
-
-
-class _ScatterToSequence(torch.autograd.Function):
-    """Forward keep this rank's sequence shard (dim 0), backward all-gather the sequence."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split(x, group, 0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.group.all_gather(grad.contiguous(), dim=0), None
 
 
 class _GatherFromSequence(torch.autograd.Function):
@@ -133,7 +120,7 @@ def reduce_from_tensor_parallel_region(x, group: CommGroup):
 
 
 def scatter_to_tensor_parallel_region(x, group: CommGroup):
-    return x if group.size == 1 else _ScatterToRegion.apply(x, group)
+    return x if group.size == 1 else _Split.apply(x, group, -1)
 
 
 def gather_from_tensor_parallel_region(x, group: CommGroup):
@@ -141,7 +128,7 @@ def gather_from_tensor_parallel_region(x, group: CommGroup):
 
 
 def scatter_to_sequence_parallel_region(x, group: CommGroup):
-    return x if group.size == 1 else _ScatterToSequence.apply(x, group)
+    return x if group.size == 1 else _Split.apply(x, group, 0)
 
 
 def gather_from_sequence_parallel_region(x, group: CommGroup):

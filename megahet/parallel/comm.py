@@ -67,18 +67,15 @@ class CommGroup:
         self.size = len(self.ranks)
         self.rank = self.ranks.index(my_rank) if my_rank in self.ranks else -1
         self.pg, self.bridged, self.library, self.name = pg, bridged, library, name
-        # Where small metadata tensors (counts, flags) live for this group's library.
-        self.device = torch.device("cpu") if (bridged or library == "gloo") else device
+        on_host = bridged or library == "gloo"
+        # Where small metadata tensors (counts, flags) and point-to-point messages live.
+        self.device = torch.device("cpu") if on_host else device
         # gloo cannot be trusted to reduce half types (pytorch issue 111131): upcast there.
-        self._upcast_reductions = bridged or library == "gloo"
+        self._upcast_reductions = on_host
 
     def __repr__(self):
         kind = "bridged" if self.bridged else self.library
         return f"CommGroup({self.name}, ranks={self.ranks}, {kind})"
-
-    @property
-    def is_trivial(self) -> bool:
-        return self.size == 1
 
     def global_rank(self, group_rank: int) -> int:
         return self.ranks[group_rank]

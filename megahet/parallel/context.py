@@ -77,11 +77,6 @@ class ParallelContext:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
 
-    @property
-    def pp_ranks(self) -> List[int]:
-        """Global ranks of this rank's pipeline, indexed by stage."""
-        return self.pp_group.ranks
-
     def global_rank(self, tp_rank: int, dp_rank: int, pp_rank: int) -> int:
         return grid_rank(tp_rank, dp_rank, pp_rank, self.tp, self.dp)
 
@@ -160,21 +155,20 @@ def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
     timeout = datetime.timedelta(seconds=timeout_s)
 
     if world_size > 1 and not dist.is_initialized():
-        homogeneous = len(set(domains)) == 1
         lib = libraries[rank]
-        pg_backend = lib if (lib == "gloo" or not homogeneous) else f"cpu:gloo,{backend.device_type}:{lib}"
-        if not homogeneous:
-            pg_backend = "gloo"
+        # Mixed domains talk through gloo only; one native domain also gets gloo for host tensors.
+        pg_backend = "gloo" if (lib == "gloo" or len(set(domains)) > 1) else f"cpu:gloo,{backend.device_type}:{lib}"
         dist.init_process_group(backend=pg_backend, rank=rank, world_size=world_size, timeout=timeout)
 
     groups = grid_groups(world_size, tp, pp, ep)
     dp = world_size // (tp * pp)
-    for kind in ("tp", "ep"):
+    for kind, what in (("tp", "tensor"), ("ep", "expert")):
         for ranks in groups[kind]:
-            if len({domains[r] for r in ranks}) > 1:
-                raise MegahetError(f"{'tensor' if kind == 'tp' else 'expert'}-parallel group {ranks} spans communication "
-                                   f"domains {sorted({domains[r] for r in ranks})}; {kind.upper()} groups must stay inside "
-                                   f"one vendor: reorder the cluster groups or lower --{'tensor' if kind == 'tp' else 'expert'}-model-parallel-size")
+            spanned = sorted({domains[r] for r in ranks})
+            if len(spanned) > 1:
+                raise MegahetError(f"{what}-parallel group {ranks} spans communication domains {spanned}; "
+                                   f"{kind.upper()} groups must stay inside one vendor: reorder the cluster groups "
+                                   f"or lower --{what}-model-parallel-size")
     made: Dict[Tuple[int, ...], Optional[CommGroup]] = {}
     mine: Dict[str, CommGroup] = {}
     for kind, lists in groups.items():  # every rank walks the same lists in the same order

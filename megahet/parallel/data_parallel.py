@@ -123,16 +123,15 @@ class GradBuffer:
         else:
             bucket.work = self.group.all_reduce(view, async_op=True)
 
-    def launch_ready(self, scatter: bool) -> None:
-        while self.next_launch < len(self.buckets) and self.buckets[self.next_launch].all_ready():
+    def launch_ready(self, scatter: bool, everything: bool = False) -> None:
+        """Launch buckets in index order while they are complete (all remaining ones with `everything`)."""
+        while self.next_launch < len(self.buckets) and (everything or self.buckets[self.next_launch].all_ready()):
             self.launch(self.buckets[self.next_launch], scatter)
             self.next_launch += 1
 
     def finish(self, scatter: bool) -> None:
         """Launch what backward did not, wait for every bucket, write reduce-scatter shards back."""
-        while self.next_launch < len(self.buckets):
-            self.launch(self.buckets[self.next_launch], scatter)
-            self.next_launch += 1
+        self.launch_ready(scatter, everything=True)
         for bucket in self.buckets:
             if bucket.work is not None:
                 bucket.work.wait()
@@ -182,8 +181,9 @@ class DataParallel:
                 if id(p) in seen:
                     raise ValueError(f"parameter {getattr(p, 'global_name', '?')} appears in two model chunks")
                 seen.add(id(p))
-            expert = [p for p in params if split_experts and getattr(p, "is_expert", False)]
-            dense = [p for p in params if not (split_experts and getattr(p, "is_expert", False))]
+            is_expert = [split_experts and getattr(p, "is_expert", False) for p in params]
+            expert = [p for p, e in zip(params, is_expert) if e]
+            dense = [p for p, e in zip(params, is_expert) if not e]
             for group, plist in ((ctx.dp_group, dense), (ctx.expert_dp_group, expert)):
                 if plist:
                     self.buffers.append(GradBuffer(ci, group, list(reversed(plist)), int(bucket_size),

@@ -100,6 +100,7 @@ def forward_backward(model_chunks: List[torch.nn.Module], microbatches: List[Dic
         actions = [a for a in actions if a.op in ("recv_fwd", "fwd", "send_fwd")]
     loss_sum = torch.zeros((), dtype=torch.float32, device=ctx.device)
     tokens = [float(mb["loss_mask"].sum()) for mb in microbatches]
+    aux_scales = [t / global_tokens * loss_scale for t in tokens]  # each micro-batch's share of the aux losses
     if ddp is not None and not forward_only:
         for c in range(num_chunks):
             ddp.enable_grad_sync(c, m == 1)
@@ -108,7 +109,7 @@ def forward_backward(model_chunks: List[torch.nn.Module], microbatches: List[Dic
         nonlocal loss_sum
         model, batch = model_chunks[chunk], microbatches[mb]
         if moe_tracker is not None:
-            moe_tracker.aux_loss_scale = tokens[mb] / global_tokens * loss_scale
+            moe_tracker.aux_loss_scale = aux_scales[mb]
         with torch.set_grad_enabled(not forward_only):
             out = model(tokens=batch["tokens"].to(ctx.device) if model.pre_process else None,
                         hidden_states=input_tensor,
@@ -124,7 +125,7 @@ def forward_backward(model_chunks: List[torch.nn.Module], microbatches: List[Dic
         if ddp is not None and mb == m - 1:
             ddp.enable_grad_sync(chunk, True)  # last micro-batch of this chunk: buckets may reduce now
         if moe_tracker is not None:  # a recomputed forward inside this backward re-reads the scale
-            moe_tracker.aux_loss_scale = tokens[mb] / global_tokens * loss_scale
+            moe_tracker.aux_loss_scale = aux_scales[mb]
         torch.autograd.backward(output_tensor, grad_tensors=output_grad)
         return input_tensor.grad if input_tensor is not None else None
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from megahet.errors import MegahetError
 
-__all__ = ["layers_per_stage"]
+__all__ = ["layers_per_stage", "check_positive"]
 
 
 def layers_per_stage(num_layers: int, pp_size: int, vpp_size: int = 1,
@@ -36,13 +36,13 @@ def layers_per_stage(num_layers: int, pp_size: int, vpp_size: int = 1,
     Returns:
         ``result[rank][chunk]`` is the range of global layer indices of that model chunk.
     """
-    _check_positive(num_layers, "--num-layers")
-    _check_positive(pp_size, "--pipeline-model-parallel-size")
-    _check_positive(vpp_size, "--virtual-pipeline-model-parallel-size")
+    check_positive(num_layers, "--num-layers")
+    check_positive(pp_size, "--pipeline-model-parallel-size")
+    check_positive(vpp_size, "--virtual-pipeline-model-parallel-size")
     if pipeline_layers is not None:
         _check_pipeline_layers(pipeline_layers, num_layers)
     if layers_per_virtual_stage is not None:
-        _check_positive(layers_per_virtual_stage, "--num-layers-per-virtual-pipeline-stage")
+        check_positive(layers_per_virtual_stage, "--num-layers-per-virtual-pipeline-stage")
         vpp_size = _vpp_from_layers_per_virtual_stage(num_layers, pp_size, vpp_size, pipeline_layers,
                                                       layers_per_virtual_stage)
     if vpp_size > 1 and pp_size == 1:
@@ -58,7 +58,7 @@ def layers_per_stage(num_layers: int, pp_size: int, vpp_size: int = 1,
     return result
 
 
-def _check_positive(value: int, flag: str) -> None:
+def check_positive(value: int, flag: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise MegahetError(f"{flag} must be a positive integer, got {value!r}")
 

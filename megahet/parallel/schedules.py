@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from megahet.errors import MegahetError
+from megahet.parallel.pipeline_layout import check_positive
 
 __all__ = ["Action", "OPS", "all_forward_all_backward", "one_f_one_b", "interleaved_one_f_one_b",
            "build_schedule", "SCHEDULES", "format_schedule", "validate_schedule", "simulate_schedule"]
@@ -95,10 +96,18 @@ def _with_comm(rank: int, compute: list[tuple[str, int, int]], pp: int, chunks: 
 
 
 def _check_sizes(pp_size: int, num_microbatches: int, num_chunks: int) -> None:
-    for value, flag in ((pp_size, "--pipeline-model-parallel-size"), (num_chunks, "model chunks per rank"),
-                        (num_microbatches, "micro-batches (--global-batch-size / --micro-batch-size)")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise MegahetError(f"{flag} must be a positive integer, got {value!r}")
+    check_positive(pp_size, "--pipeline-model-parallel-size")
+    check_positive(num_chunks, "model chunks per rank")
+    check_positive(num_microbatches, "micro-batches (--global-batch-size / --micro-batch-size)")
+
+
+def _warmup_steady_drain(warmup: int, total: int, step: Callable[[int, str], tuple[str, int, int]]):
+    """1F1B order of `total` virtual steps: `warmup` forwards, then one forward + one backward, then drain."""
+    steady = total - warmup
+    compute = [step(k, "fwd") for k in range(warmup)]
+    for i in range(steady):
+        compute += [step(warmup + i, "fwd"), step(i, "bwd")]
+    return compute + [step(k, "bwd") for k in range(steady, total)]
 
 
 def all_forward_all_backward(pp_size: int, num_microbatches: int, num_chunks: int = 1) -> list[list[Action]]:
@@ -123,16 +132,9 @@ def one_f_one_b(pp_size: int, num_microbatches: int) -> list[list[Action]]:
                            f"micro-batches (--global-batch-size / (--micro-batch-size x data-parallel size)) < "
                            f"--pipeline-model-parallel-size {pp_size}; raise --global-batch-size or lower "
                            f"--micro-batch-size")
-    schedule = []
-    for rank in range(pp_size):
-        warmup = min(pp_size - rank - 1, num_microbatches)
-        steady = num_microbatches - warmup
-        compute = [("fwd", 0, mb) for mb in range(warmup)]
-        for i in range(steady):
-            compute += [("fwd", 0, warmup + i), ("bwd", 0, i)]
-        compute += [("bwd", 0, mb) for mb in range(steady, num_microbatches)]
-        schedule.append(_with_comm(rank, compute, pp_size, 1))
-    return schedule
+    step = lambda mb, op: (op, 0, mb)  # noqa: E731
+    return [_with_comm(rank, _warmup_steady_drain(pp_size - rank - 1, num_microbatches, step), pp_size, 1)
+            for rank in range(pp_size)]
 
 
 def interleaved_one_f_one_b(pp_size: int, num_microbatches: int, num_chunks: int) -> list[list[Action]]:
@@ -160,16 +162,9 @@ def interleaved_one_f_one_b(pp_size: int, num_microbatches: int, num_chunks: int
             chunk = num_chunks - 1 - chunk
         return op, chunk, (k // group) * pp_size + k % pp_size
 
-    schedule = []
-    for rank in range(pp_size):
-        warmup = min((pp_size - rank - 1) * 2 + (num_chunks - 1) * pp_size, total)
-        steady = total - warmup
-        compute = [step(k, "fwd") for k in range(warmup)]
-        for i in range(steady):
-            compute += [step(warmup + i, "fwd"), step(i, "bwd")]
-        compute += [step(k, "bwd") for k in range(steady, total)]
-        schedule.append(_with_comm(rank, compute, pp_size, num_chunks))
-    return schedule
+    warmup = lambda rank: min((pp_size - rank - 1) * 2 + (num_chunks - 1) * pp_size, total)  # noqa: E731
+    return [_with_comm(rank, _warmup_steady_drain(warmup(rank), total, step), pp_size, num_chunks)
+            for rank in range(pp_size)]
 
 
 SCHEDULES: dict[str, Callable[..., list[list[Action]]]] = {

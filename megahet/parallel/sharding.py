@@ -50,13 +50,18 @@ def gather_full(tensor: torch.Tensor, like: torch.Tensor, group) -> torch.Tensor
     return unshard_tensor(list(stacked.unbind(0)), dim, getattr(like, "tp_chunks", 1))
 
 
+def _ep_dim(param: torch.Tensor) -> Optional[int]:
+    """Dim split across expert parallelism (expert params only; None otherwise)."""
+    return getattr(param, "ep_dim", None) if getattr(param, "is_expert", False) else None
+
+
 def full_shape(param: torch.Tensor, tp_size: int, ep_size: int = 1) -> tuple:
     """Shape of the unsharded tensor behind a (possibly TP- and EP-sharded) parameter."""
     shape = list(param.shape)
     dim = getattr(param, "tp_dim", None)
     if dim is not None:
         shape[dim] *= tp_size
-    edim = getattr(param, "ep_dim", None) if getattr(param, "is_expert", False) else None
+    edim = _ep_dim(param)
     if edim is not None:
         shape[edim] *= ep_size
     return tuple(shape)
@@ -65,17 +70,14 @@ def full_shape(param: torch.Tensor, tp_size: int, ep_size: int = 1) -> tuple:
 def gather_param_full(tensor: torch.Tensor, like: torch.Tensor, ctx) -> torch.Tensor:
     """Full tensor of a parameter-shaped `tensor` (weights, grads or optimizer state): over TP, then EP."""
     out = gather_full(tensor, like, ctx.tp_group)
-    edim = getattr(like, "ep_dim", None) if getattr(like, "is_expert", False) else None
+    edim = _ep_dim(like)
     if edim is not None and ctx.ep_group.size > 1:
-        stacked = ctx.ep_group.all_gather(out.detach().contiguous().unsqueeze(0), dim=0)
-        out = torch.cat(list(stacked.unbind(0)), dim=edim)
+        out = ctx.ep_group.all_gather(out.detach(), dim=edim)
     return out
 
 
 def shard_param_full(full: torch.Tensor, like: torch.Tensor, ctx) -> torch.Tensor:
     """Inverse of `gather_param_full`: this rank's slice of a full tensor, for parameter `like`."""
-    edim = getattr(like, "ep_dim", None) if getattr(like, "is_expert", False) else None
-    if edim is not None and ctx.ep_group.size > 1:
-        full = full.chunk(ctx.ep_group.size, dim=edim)[ctx.ep_group.rank]
+    full = shard_tensor(full, _ep_dim(like), ctx.ep_group.rank, ctx.ep_group.size)
     return shard_tensor(full, getattr(like, "tp_dim", None), ctx.tp_group.rank, ctx.tp_group.size,
                         getattr(like, "tp_chunks", 1))

@@ -17,10 +17,19 @@ from megahet.parallel.init import init_full_normal
 from megahet.parallel.sharding import set_tp_attributes, shard_tensor
 
 
-def _param(full: torch.Tensor, group: CommGroup, dim: Optional[int], chunks: int, dtype, device) -> nn.Parameter:
+def tp_parameter(full: torch.Tensor, group: CommGroup, dim: Optional[int], chunks: int, dtype, device) -> nn.Parameter:
+    """This rank's TP shard of `full` as a parameter carrying `tp_dim`/`tp_chunks` (see sharding.py)."""
     shard = shard_tensor(full, dim, group.rank, group.size, chunks)
     p = nn.Parameter(shard.to(device=device, dtype=dtype))
     return set_tp_attributes(p, dim, chunks)
+
+
+def padded_vocab_weight(vocab_size: int, padded_vocab_size: int, hidden_size: int, init_std: float, seed: int,
+                        name: str) -> torch.Tensor:
+    """Full [padded_vocab, h] weight: real rows from (seed, name), padding rows zero (the loss masks them)."""
+    full = torch.zeros(padded_vocab_size, hidden_size)
+    full[:vocab_size] = init_full_normal((vocab_size, hidden_size), init_std, seed, name)
+    return full
 
 
 class ColumnParallelLinear(nn.Module):
@@ -46,8 +55,8 @@ class ColumnParallelLinear(nn.Module):
         self.weight = None
         if create_weight:
             full = init_full_normal((output_size, input_size), init_std, seed, f"{name}.weight")
-            self.weight = _param(full, group, 0, chunks, dtype, device)
-        self.bias = _param(torch.zeros(output_size), group, 0, chunks, dtype, device) if bias else None
+            self.weight = tp_parameter(full, group, 0, chunks, dtype, device)
+        self.bias = tp_parameter(torch.zeros(output_size), group, 0, chunks, dtype, device) if bias else None
 
     def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         w = weight if weight is not None else self.weight
@@ -75,10 +84,10 @@ class RowParallelLinear(nn.Module):
         if input_size % group.size:
             raise ValueError(f"{name}: input size {input_size} not divisible by tp {group.size}")
         full = init_full_normal((output_size, input_size), init_std, seed, f"{name}.weight")
-        self.weight = _param(full, group, 1, 1, dtype, device)
+        self.weight = tp_parameter(full, group, 1, 1, dtype, device)
         self.bias = None
         if bias:
-            self.bias = _param(torch.zeros(output_size), group, None, 1, dtype, device)
+            self.bias = tp_parameter(torch.zeros(output_size), group, None, 1, dtype, device)
             self.bias.sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,10 +115,9 @@ class VocabParallelEmbedding(nn.Module):
         if padded_vocab_size % group.size:
             raise ValueError(f"padded vocabulary {padded_vocab_size} not divisible by tp {group.size}")
         self.per_partition = padded_vocab_size // group.size
-        self.vocab_start = group.rank * self.per_partition if group.size > 1 else 0
-        full = torch.zeros(padded_vocab_size, hidden_size)
-        full[:vocab_size] = init_full_normal((vocab_size, hidden_size), init_std, seed, f"{name}.weight")
-        self.weight = _param(full, group, 0, 1, dtype, device)
+        self.vocab_start = group.rank * self.per_partition
+        full = padded_vocab_weight(vocab_size, padded_vocab_size, hidden_size, init_std, seed, f"{name}.weight")
+        self.weight = tp_parameter(full, group, 0, 1, dtype, device)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         ids = tokens.t()  # [b, s] -> [s, b]
@@ -119,7 +127,7 @@ class VocabParallelEmbedding(nn.Module):
             emb = F.embedding(local, self.weight)  # [s, b, h]
             emb = emb.masked_fill(outside.unsqueeze(-1), 0.0)
         else:
-            emb = F.embedding(ids, self.weight)
+            emb = F.embedding(ids, self.weight)  # [s, b, h]
         # Each rank holds the rows of its vocabulary slice only: summing across TP completes the lookup.
         if self.sequence_parallel:
             return C.reduce_scatter_to_sequence_parallel_region(emb, self.group)  # [s/tp, b, h]
@@ -137,9 +145,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, labels, group: CommGroup, vocab_start: int, vocab_size: int):
         logits = logits.float()  # [s, b, v/tp]
         v_local = logits.shape[-1]
-        col = torch.arange(vocab_start, vocab_start + v_local, device=logits.device)
-        pad = col >= vocab_size
-        if bool(pad.any()):
+        if vocab_start + v_local > vocab_size:  # this shard holds padding columns: decided without a device sync
+            pad = torch.arange(vocab_start, vocab_start + v_local, device=logits.device) >= vocab_size  # [v/tp]
             logits = logits.masked_fill(pad, float("-inf"))
         lmax = logits.max(dim=-1).values
         group.all_reduce(lmax, op="max")  # global max for a stable softmax

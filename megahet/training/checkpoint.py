@@ -22,6 +22,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed.checkpoint as dcp
 
+from megahet.data.cache import atomic_write_bytes, atomic_write_json
 from megahet.errors import MegahetError
 from megahet.parallel.context import ParallelContext
 from megahet.parallel.sharding import full_shape, gather_param_full, shard_param_full
@@ -134,29 +135,16 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, ctx: Par
     if ctx.rank == 0:
         full_meta = dict(meta, format=FORMAT, iteration=iteration, world_size=ctx.world_size,
                          layout=dict(tp=ctx.tp, pp=ctx.pp, dp=ctx.dp, ep=ctx.ep), vocab_size=vocab_size)
-        _write_json(os.path.join(partial, META), full_meta)
+        atomic_write_json(os.path.join(partial, META), full_meta)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(partial, final)
-        _write_text_atomic(os.path.join(root, LATEST), os.path.basename(final))
+        atomic_write_bytes(os.path.join(root, LATEST), os.path.basename(final).encode())
         if keep_last:
             _prune(root, keep_last)
         log.info("saved checkpoint %s", final)
     ctx.world_group.barrier()
     return final
-
-
-def _write_json(path: str, obj) -> None:
-    _write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def list_checkpoints(root: str) -> List[str]:
@@ -210,7 +198,13 @@ def load_checkpoint(root: str, model_chunks, optimizer, ctx: ParallelContext, *,
     path = find_checkpoint(root)
     if path is None:
         return None
-    meta = read_meta(path)
+    return load_checkpoint_at(path, read_meta(path), model_chunks, optimizer, ctx, vocab_size=vocab_size,
+                              load_optimizer=load_optimizer)
+
+
+def load_checkpoint_at(path: str, meta: dict, model_chunks, optimizer, ctx: ParallelContext, *, vocab_size: int,
+                       load_optimizer: bool = True) -> dict:
+    """Load the checkpoint directory `path` whose meta.json the caller has already read."""
     saved = _saved_tensors(path)
     shapes = {k: v[0] for k, v in saved.items()}
     params = _params_by_name(model_chunks)
@@ -229,8 +223,8 @@ def load_checkpoint(root: str, model_chunks, optimizer, ctx: ParallelContext, *,
         state[key] = torch.empty(shapes[key], dtype=saved[key][1])
     opt_keys = []
     if optimizer is not None and load_optimizer:
-        opt_keys = [k for k in shapes if k.startswith("optim/")
-                    and k[len("optim/"):].rsplit("/", 1)[0] in set(params) | {GLOBAL}]
+        owners = set(params) | {GLOBAL}
+        opt_keys = [k for k in shapes if k.startswith("optim/") and k[len("optim/"):].rsplit("/", 1)[0] in owners]
         for k in opt_keys:
             state[k] = torch.empty(shapes[k], dtype=saved[k][1])
     rng_key = f"rng/rank{ctx.rank}/torch"

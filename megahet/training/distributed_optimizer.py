@@ -79,10 +79,8 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
             pending.append((shard, *self._gather_bucket(shard, values, dtype)))
         for shard, work, out, _ in pending:  # all launched first, so the gathers overlap
             work.wait()
-            for p in shard.bucket.params:  # out is the whole bucket [numel] (one row per rank)
-                ps, pe = shard.buffer.param_range(p)
-                s = ps - shard.bucket.start
-                p.copy_(out[s:s + pe - ps].view_as(p))
+            for p, value in _param_views(shard, out):  # out is the whole bucket [numel] (one row per rank)
+                p.copy_(value)
 
     def _local_state(self) -> Dict[int, Dict[str, torch.Tensor]]:
         local: Dict[int, Dict[str, torch.Tensor]] = {}
@@ -93,9 +91,14 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
             work.wait()
             out = out.view(-1, len(STATE_KEYS), n)  # [size, keys, shard]
             for i, key in enumerate(STATE_KEYS):
-                bucket = out[:, i].reshape(-1)  # [bucket numel]
-                for p in shard.bucket.params:
-                    ps, pe = shard.buffer.param_range(p)
-                    s = ps - shard.bucket.start
-                    local.setdefault(id(p), {})[key] = bucket[s:s + pe - ps].view_as(p).clone()
+                for p, value in _param_views(shard, out[:, i].reshape(-1)):  # [bucket numel]
+                    local.setdefault(id(p), {})[key] = value.clone()
         return local
+
+
+def _param_views(shard: _OwnedShard, bucket: torch.Tensor):
+    """(param, its elements of the flat bucket-shaped `bucket`, viewed in the param's shape)."""
+    for p in shard.bucket.params:
+        ps, pe = shard.buffer.param_range(p)
+        s = ps - shard.bucket.start
+        yield p, bucket[s:s + pe - ps].view_as(p)

@@ -101,8 +101,8 @@ class MetricsLogger:
 
     Args:
         rank: this process's global rank (shown in warnings).
-        is_logging_rank: only this rank writes anything (the last pipeline stage's first rank, which
-            holds the loss).
+        is_logging_rank: only this rank writes anything (rank 0: the logged values are already
+            reduced over the job, and it is the rank whose console logs at INFO).
         metrics_file: JSONL path (--metrics-file), appended to, one object per `log` call.
         wandb_project, wandb_exp_name, wandb_save_dir: --wandb-project / --wandb-exp-name /
             --wandb-save-dir; wandb is off when the project is None.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -35,7 +35,6 @@ class StepResult:
     ok: bool
     grad_norm: float
     found_inf: bool
-    num_zeros: Optional[int] = None  # not counted (reserved for --log-num-zeros-in-grad)
 
 
 @dataclass

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -46,7 +47,7 @@ def setup_logging(rank: int) -> None:
     """Rank 0 logs at INFO to stdout; other ranks only warnings."""
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S", force=True,
-                        handlers=[logging.StreamHandler(__import__("sys").stdout)])
+                        handlers=[logging.StreamHandler(sys.stdout)])
 
 
 def seed_everything(ctx: ParallelContext, seed: int) -> None:
@@ -124,7 +125,7 @@ def pretrain(cfg: MegahetConfig) -> dict:
             state.iteration += 1
             state.consumed_samples += t.global_batch_size
             meter.add(result.step_time_s)
-            account_for_skips(state, result, scheduler, t.max_skipped_steps)
+            account_for_skips(state, result, scheduler, t.max_skipped_steps, warn=ctx.rank == 0)
             evaluated = {}
             if data.valid is not None and t.eval_interval and state.iteration % t.eval_interval == 0:
                 vloss = evaluate(chunks, ctx, data.valid, eval_iters=t.eval_iters, global_batch_size=t.global_batch_size,
@@ -177,15 +178,20 @@ class Throughput:
         return out
 
 
-def account_for_skips(state: TrainState, result, scheduler, max_skipped_steps: int) -> None:
-    """Advance the LR schedule after a real update; count skipped (NaN/Inf) steps and stop on too many."""
+def account_for_skips(state: TrainState, result, scheduler, max_skipped_steps: int, warn: bool) -> None:
+    """Advance the LR schedule after a real update; count skipped (NaN/Inf) steps and stop on too many.
+
+    Every rank takes the same decision; `warn` lets one rank report it instead of all of them.
+    """
     if result.ok:
         scheduler.step()
         state.skipped_in_a_row = 0
         return
     state.skipped_in_a_row += 1
     state.skipped_total += 1
-    log.warning("iteration %d: loss or gradients are NaN/Inf (loss %s); update skipped", state.iteration, result.loss)
+    if warn:
+        log.warning("iteration %d: loss or gradients are NaN/Inf (loss %s); update skipped", state.iteration,
+                    result.loss)
     if state.skipped_in_a_row >= max_skipped_steps:
         raise MegahetError(f"{state.skipped_in_a_row} consecutive steps had NaN/Inf loss or gradients "
                            f"(--max-skipped-steps {max_skipped_steps}); lower --lr or --clip-grad "

@@ -23,7 +23,11 @@ def gather_events(events: List[TraceEvent], ctx: ParallelContext) -> List[List[T
         per_rank = [[TraceEvent(*e) for e in rank_events] for rank_events in everyone]
     else:
         per_rank = [list(events)]
-    # perf_counter is one monotonic clock per host: shift so the step starts at 0.
+    return align_to_start(per_rank)
+
+
+def align_to_start(per_rank: List[List[TraceEvent]]) -> List[List[TraceEvent]]:
+    """Shift every rank's events so the earliest one starts at 0 (perf_counter is one clock per host)."""
     t0 = min((e.start for r in per_rank for e in r), default=0.0)
     return [[TraceEvent(e.name, e.category, e.start - t0, e.end - t0) for e in r] for r in per_rank]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List
 
 import torch
@@ -26,7 +26,6 @@ class StepResult:
     ok: bool  # False when the update was skipped (NaN/Inf)
     grad_norm: float
     step_time_s: float
-    extra: Dict[str, float] = field(default_factory=dict)
 
 
 def replica_microbatches(dataset, consumed_samples: int, global_batch_size: int, replica_sizes: List[int],
@@ -34,10 +33,12 @@ def replica_microbatches(dataset, consumed_samples: int, global_batch_size: int,
     """This replica's micro-batches of global batch starting at `consumed_samples`.
 
     The global batch is the same whatever the layout (one global sample order); replica r takes a
-    contiguous slice of `replica_sizes[r]` samples and cuts it into micro-batches.
+    contiguous slice of `replica_sizes[r]` samples and cuts it into micro-batches. Only that slice is
+    read: the split is done on sample indices, so no rank reads the other replicas' samples.
     """
-    samples = get_global_batch(dataset, consumed_samples, global_batch_size, wrap=True)
-    mine = split_for_replicas(samples, replica_sizes)[dp_rank]
+    indices = range(consumed_samples, consumed_samples + global_batch_size)
+    own = split_for_replicas(indices, replica_sizes)[dp_rank]
+    mine = get_global_batch(dataset, own.start, len(own), wrap=True)
     return [collate(mine[i:i + micro_batch_size]) for i in range(0, len(mine), micro_batch_size)]
 
 
