@@ -57,7 +57,6 @@ class ParallelContext:
     ep_group: CommGroup
     expert_dp_group: CommGroup
     embedding_group: CommGroup
-    model_parallel_group: CommGroup
     world_group: CommGroup
     rank_domains: List[str]
 
@@ -99,7 +98,7 @@ def grid_groups(world_size: int, tp: int, pp: int, ep: int) -> Dict[str, List[Li
     if dp % ep:
         raise MegahetError(f"data-parallel size {dp} is not divisible by --expert-model-parallel-size {ep}")
     g = lambda t, d, p: grid_rank(t, d, p, tp, dp)  # noqa: E731
-    groups: Dict[str, List[List[int]]] = {k: [] for k in ("tp", "dp", "pp", "ep", "expert_dp", "embedding", "mp")}
+    groups: Dict[str, List[List[int]]] = {k: [] for k in ("tp", "dp", "pp", "ep", "expert_dp", "embedding")}
     for p in range(pp):
         for d in range(dp):
             groups["tp"].append([g(t, d, p) for t in range(tp)])
@@ -114,7 +113,6 @@ def grid_groups(world_size: int, tp: int, pp: int, ep: int) -> Dict[str, List[Li
             stages = [g(t, d, p) for p in range(pp)]
             groups["pp"].append(stages)
             groups["embedding"].append(sorted({stages[0], stages[-1]}))
-        groups["mp"].append([g(t, d, p) for p in range(pp) for t in range(tp)])
     return groups
 
 
@@ -195,7 +193,7 @@ def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
         tp=tp, pp=pp, dp=dp, ep=ep, tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank,
         ep_rank=dp_rank % ep, expert_dp_rank=dp_rank // ep,
         tp_group=mine["tp"], pp_group=mine["pp"], dp_group=mine["dp"], ep_group=mine["ep"],
-        expert_dp_group=mine["expert_dp"], embedding_group=mine["embedding"], model_parallel_group=mine["mp"],
+        expert_dp_group=mine["expert_dp"], embedding_group=mine["embedding"],
         world_group=world, rank_domains=domains)
     log.debug("built %s", ctx.describe())
     return ctx
@@ -210,4 +208,4 @@ def single_process_context(backend_name: str = "cpu", **options) -> ParallelCont
                            tp=1, pp=1, dp=1, ep=1, tp_rank=0, pp_rank=0, dp_rank=0, ep_rank=0, expert_dp_rank=0,
                            tp_group=one("tp"), pp_group=one("pp"), dp_group=one("dp"), ep_group=one("ep"),
                            expert_dp_group=one("expert_dp"), embedding_group=one("embedding"),
-                           model_parallel_group=one("mp"), world_group=one("world"), rank_domains=[backend.domain])
+                           world_group=one("world"), rank_domains=[backend.domain])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -79,8 +79,6 @@ def schedule_name(cfg: MegahetConfig, num_microbatches: int) -> str:
 class StepOutput:
     """What one forward/backward over a replica's micro-batches produced (loss sums on the last stage)."""
     loss_sum: torch.Tensor  # fp32 scalar: sum of per-token loss * mask over this replica's micro-batches
-    tokens: int  # loss tokens of this replica
-    events: list = field(default_factory=list)
 
 
 def forward_backward(model_chunks: List[torch.nn.Module], microbatches: List[Dict[str, torch.Tensor]],
@@ -94,7 +92,7 @@ def forward_backward(model_chunks: List[torch.nn.Module], microbatches: List[Dic
     """
     num_chunks, m = len(model_chunks), len(microbatches)
     if m == 0:
-        return StepOutput(torch.zeros((), device=ctx.device), 0)
+        return StepOutput(torch.zeros((), device=ctx.device))
     actions: List[Action] = build_schedule(schedule, ctx.pp, m, num_chunks)[ctx.pp_rank]
     if forward_only:
         actions = [a for a in actions if a.op in ("recv_fwd", "fwd", "send_fwd")]
@@ -143,4 +141,4 @@ def forward_backward(model_chunks: List[torch.nn.Module], microbatches: List[Dic
     execute_schedule(actions, forward_step=timed(forward_step), backward_step=timed(backward_step),
                      p2p=PipelineP2P(ctx.pp_group, ctx.device), tracer=tracer,
                      deallocate_outputs=not forward_only)
-    return StepOutput(loss_sum, int(sum(tokens)))
+    return StepOutput(loss_sum)

@@ -92,11 +92,9 @@ def _quiet_single_process():
 
 
 def _is_finite(model_chunks, ctx: ParallelContext) -> bool:
-    bad = torch.zeros(1, dtype=torch.float32, device=ctx.device)
-    for chunk in model_chunks:
-        for p in chunk.parameters():
-            if not torch.isfinite(p.detach()).all():
-                bad.fill_(1.0)
+    # One flag per parameter, stacked: a single host sync instead of one per parameter.
+    flags = [(~torch.isfinite(p.detach())).any() for chunk in model_chunks for p in chunk.parameters()]
+    bad = torch.stack(flags).any().float().reshape(1) if flags else torch.zeros(1, device=ctx.device)
     ctx.world_group.all_reduce(bad, op="max")
     return bad.item() == 0
 

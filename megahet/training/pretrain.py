@@ -20,6 +20,7 @@ from megahet.config import MegahetConfig, validate_world
 from megahet.errors import MegahetError
 from megahet.parallel.context import ParallelContext, build_parallel_context
 from megahet.parallel.pipeline import schedule_name
+from megahet.parallel.schedule_trace import ScheduleTracer
 from megahet.training import checkpoint as ckpt
 from megahet.training.data_setup import DataSetup, build_data
 from megahet.training.flops import model_flops_utilization, tflops_per_device, transformer_flops_per_token
@@ -28,7 +29,6 @@ from megahet.training.lr_schedule import LRScheduler
 from megahet.training.metrics import MetricsLogger
 from megahet.training.model_builder import build_model_chunks, build_moe_tracker, params_dtype
 from megahet.training.optimizer_setup import build_optimizer
-from megahet.parallel.schedule_trace import ScheduleTracer
 from megahet.training.trace_export import export_step_trace
 from megahet.training.train_step import evaluate, replica_microbatches, train_step
 

@@ -37,7 +37,7 @@ def test_grid_groups_layout():
     assert [0, 2] in g["ep"] and [0] in g["expert_dp"]
     assert grid_rank(1, 1, 1, 2, 2) == 7
     for kind, lists in g.items():
-        if kind in ("embedding", "mp"):
+        if kind == "embedding":
             continue
         covered = sorted(r for ranks in lists for r in ranks)
         assert covered == list(range(8)), kind  # each kind partitions the world
