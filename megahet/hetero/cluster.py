@@ -13,8 +13,9 @@ import yaml
 from megahet.errors import MegahetError
 from megahet.parallel.context import RankSpec
 
-_GROUP_KEYS = {"name", "backend", "devices", "devices_per_node", "tflops", "memory_gb", "speed", "domain"}
-_LINK_KEYS = {"intra_node", "inter_node", "cross_domain"}
+_GROUP_KEYS = {"name", "backend", "devices", "devices_per_node", "tflops", "memory_gb", "speed", "domain", "site",
+               "efficiency", "memory_bandwidth_gbps"}
+_LINK_KEYS = {"intra_node", "inter_node", "cross_domain", "cross_site", "cross_site_latency_ms"}
 
 
 @dataclass
@@ -27,6 +28,9 @@ class DeviceGroup:
     memory_gb: Optional[float] = None
     speed: Optional[float] = None  # sim only
     domain: Optional[str] = None  # sim only: several sim groups may form separate domains
+    site: Optional[str] = None  # data centre; groups on different sites talk over links.cross_site
+    efficiency: Optional[float] = None  # planner: achievable fraction of `tflops` (hetero/cost_model.py)
+    memory_bandwidth_gbps: Optional[float] = None  # planner: device memory bandwidth for the optimizer step
 
     def backend_options(self) -> Dict:
         opts: Dict = {}
@@ -79,7 +83,8 @@ def parse_cluster(raw: dict, source: str = "cluster spec") -> ClusterSpec:
         groups.append(DeviceGroup(name=str(g.get("name", f"group{i}")), backend=str(g["backend"]),
                                   devices=devices, devices_per_node=g.get("devices_per_node"),
                                   tflops=g.get("tflops"), memory_gb=g.get("memory_gb"), speed=g.get("speed"),
-                                  domain=g.get("domain")))
+                                  domain=g.get("domain"), site=None if g.get("site") is None else str(g["site"]),
+                                  efficiency=g.get("efficiency"), memory_bandwidth_gbps=g.get("memory_bandwidth_gbps")))
     links = raw.get("links") or {}
     if not isinstance(links, dict):
         raise MegahetError(f"{source}: 'links' must be a mapping such as {{cross_domain: 10}} (GB/s)")

@@ -1,0 +1,430 @@
+"""Cost model of a plan: compute, memory and communication per rank, from profiles or FLOPs.
+
+Every figure is per rank and per micro-batch where it occurs, so the simulator (simulate.py) can
+place it on the actual schedule. Compute comes from a measured profile (profile.py) for backends
+present, else from FLOPs x peak x a per-kind achievable efficiency (``EFFICIENCY``, documented below).
+Memory counts exactly what megahet allocates (parameters in their dtype, the fp32 router, fp32 main
+gradients, fp32 masters and Adam moments, sharded over data parallel by the distributed optimizer)
+plus activations x micro-batches in flight on that stage (taken from the schedule itself).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Dict, Optional, Sequence
+
+from megahet.errors import MegahetError
+from megahet.training.flops import transformer_flops_per_token
+
+GB = 1e9
+GIB = float(1024 ** 3)
+
+# Achievable fraction of peak dense FLOP/s for large bf16 GEMM-dominated transformer layers, per
+# backend, used only for devices that are not present to be profiled. CUDA 0.70: Megatron-LM reports
+# 163 TFLOP/s per A100 (52% of 312) *including* pipeline bubbles, TP and DP communication for GPT-1T
+# (Narayanan et al. 2021, Table 1); the layer GEMMs themselves run at ~70% of peak (cuBLAS large-GEMM
+# figures). Calibrated once against that table's 1T row and then held fixed for every other row and
+# model. NPU 0.55: Ascend 910B MindSpeed reports about 50-55% MFU on Llama-style models. A cluster group
+# may override it with `efficiency:`.
+EFFICIENCY = {"cuda": 0.70, "npu": 0.55, "cpu": 0.5, "sim": 0.5}
+# Per-message latency (s) by link kind; bandwidths default to the design's example figures.
+DEFAULT_LINKS = {"intra_node": 100.0, "inter_node": 25.0, "cross_domain": 10.0, "cross_site": 1.25}
+DEFAULT_LATENCY = {"intra_node": 5e-6, "inter_node": 1e-5, "cross_domain": 1e-4, "cross_site": 1e-2}
+# Memory the runtime holds outside the model per device (CUDA context, NCCL/HCCL buffers, allocator
+# fragmentation), GB. CPU/sim count the model's state only (the process RSS is not the budget).
+RESERVED_GB = {"cuda": 3.0, "npu": 4.0, "cpu": 0.0, "sim": 0.0}
+# HBM bandwidth used for the optimizer step when no profile exists (bytes/s); per-group override
+# `memory_bandwidth_gbps`. The Adam step touches ~ 4*(2 read+write master, grad, 2 moments) bytes/param.
+DEFAULT_MEM_BW = {"cuda": 2.0e12, "npu": 1.6e12, "cpu": 2.0e10, "sim": 2.0e10}
+ADAM_BYTES_PER_PARAM = 4 * 7
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The planner's view of the model: exactly the sizes megahet builds (config.finalize applied)."""
+    num_layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    query_groups: int
+    kv_channels: int
+    seq: int
+    vocab: int
+    vocab_divisible_by: int = 128
+    swiglu: bool = True
+    layernorm: bool = False
+    bias: bool = False
+    learned_positions: bool = False
+    max_positions: int = 0
+    tied: bool = True
+    num_experts: int = 0
+    topk: int = 2
+    moe_ffn: int = 0
+    shared_ffn: int = 0
+    moe_layer_freq: int = 1
+    param_bytes: int = 2
+    sequence_parallel: bool = True
+
+    @classmethod
+    def from_config(cls, cfg, vocab_size: Optional[int] = None) -> "ModelSpec":
+        """From a finalized MegahetConfig; `vocab_size` defaults to --vocab-size (or 32000)."""
+        m, t = cfg.model, cfg.train
+        vocab = vocab_size or m.vocab_size or 32000
+        return cls(num_layers=m.num_layers, hidden=m.hidden_size, ffn=m.ffn_hidden_size, heads=m.num_attention_heads,
+                   query_groups=m.num_query_groups or m.num_attention_heads,
+                   kv_channels=m.kv_channels or m.hidden_size // m.num_attention_heads, seq=m.seq_length,
+                   vocab=vocab, vocab_divisible_by=m.make_vocab_size_divisible_by, swiglu=m.swiglu,
+                   layernorm=m.normalization == "LayerNorm", bias=not m.disable_bias_linear,
+                   learned_positions=m.position_embedding_type == "learned_absolute",
+                   max_positions=m.max_position_embeddings or m.seq_length,
+                   tied=not m.untie_embeddings_and_output_weights, num_experts=m.num_experts or 0,
+                   topk=m.moe_router_topk, moe_ffn=m.moe_ffn_hidden_size or 0,
+                   shared_ffn=m.moe_shared_expert_intermediate_size or 0, moe_layer_freq=m.moe_layer_freq,
+                   param_bytes=2 if (t.bf16 or t.fp16) else 4, sequence_parallel=cfg.parallel.sequence_parallel)
+
+    def is_moe(self, layer: int) -> bool:
+        return bool(self.num_experts) and layer % self.moe_layer_freq == 0
+
+    def padded_vocab(self, tp: int) -> int:
+        unit = self.vocab_divisible_by * tp
+        return -(-self.vocab // unit) * unit
+
+    def check_tp(self, tp: int) -> Optional[str]:
+        """Why this TP degree cannot shard the model (None when it can)."""
+        for what, n in (("attention heads", self.heads), ("query groups", self.query_groups),
+                        ("ffn hidden size", self.ffn), ("expert ffn size", self.moe_ffn or tp),
+                        ("shared expert size", self.shared_ffn or tp)):
+            if n % tp:
+                return f"{what} {n} not divisible by tensor parallel {tp}"
+        return None
+
+
+@dataclass
+class GroupSpec:
+    """One device group of the cluster as the cost model sees it (figures per device)."""
+    name: str
+    backend: str
+    devices: int
+    devices_per_node: int
+    peak_tflops: float
+    memory_gb: float
+    domain: str
+    site: str = "site0"
+    speed: float = 1.0
+    efficiency: float = 0.5
+    memory_bandwidth: float = 2.0e12
+    reserved_gb: float = 0.0
+    profile: Optional[object] = None  # profile.Profile for backends measured here
+
+    @property
+    def memory_bytes(self) -> float:
+        return (self.memory_gb - self.reserved_gb) * GB
+
+
+@dataclass
+class Links:
+    """Bandwidth (bytes/s per direction) and latency (s) per link kind."""
+    bandwidth: Dict[str, float] = field(default_factory=lambda: {k: v * GB for k, v in DEFAULT_LINKS.items()})
+    latency: Dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LATENCY))
+
+    @classmethod
+    def from_cluster(cls, links: Dict[str, float]) -> "Links":
+        out = cls()
+        for k, v in (links or {}).items():
+            if k == "cross_site_latency_ms":
+                out.latency["cross_site"] = float(v) / 1e3
+            elif k in out.bandwidth:
+                out.bandwidth[k] = float(v) * GB
+        return out
+
+    def between(self, a: GroupSpec, b: GroupSpec, same_node: bool = False) -> str:
+        """Kind of the link between a rank of `a` and a rank of `b`."""
+        if a.site != b.site:
+            return "cross_site"
+        if a.domain != b.domain:
+            return "cross_domain"
+        return "intra_node" if same_node else "inter_node"
+
+    def time(self, kind: str, nbytes: float, messages: int = 1) -> float:
+        return nbytes / self.bandwidth[kind] + messages * self.latency[kind]
+
+
+# -- parameters -------------------------------------------------------------------------------------
+@dataclass
+class ParamCount:
+    """Elements held by one rank: `dense` (param dtype, reduced over dp), `expert` (param dtype, over
+    expert-dp) and `fp32` (router weights, always fp32, reduced over dp)."""
+    dense: int = 0
+    expert: int = 0
+    fp32: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.expert + self.fp32
+
+    def __add__(self, o: "ParamCount") -> "ParamCount":
+        return ParamCount(self.dense + o.dense, self.expert + o.expert, self.fp32 + o.fp32)
+
+
+def _mlp_params(spec: ModelSpec, ffn: int, tp: int) -> int:
+    chunks = 2 if spec.swiglu else 1
+    n = spec.hidden * ffn * chunks // tp + ffn // tp * spec.hidden
+    if spec.bias:
+        n += ffn * chunks // tp + spec.hidden  # fc1 bias sharded, fc2 (row-parallel) bias replicated
+    return n
+
+
+def layer_params(spec: ModelSpec, layer: int, tp: int, ep: int) -> ParamCount:
+    """Elements of one transformer layer on one rank (matches models/transformer.py and moe/)."""
+    h, d = spec.hidden, spec.kv_channels
+    norms = 2 * h * (2 if spec.layernorm else 1)
+    qkv = (spec.heads + 2 * spec.query_groups) * d
+    attn = h * qkv // tp + spec.heads * d // tp * h + ((qkv // tp + h) if spec.bias else 0)
+    if not spec.is_moe(layer):
+        return ParamCount(dense=norms + attn + _mlp_params(spec, spec.ffn, tp))
+    chunks = 2 if spec.swiglu else 1
+    experts = spec.num_experts // ep * (h * chunks * spec.moe_ffn // tp + spec.moe_ffn // tp * h)
+    shared = _mlp_params(spec, spec.shared_ffn, tp) if spec.shared_ffn else 0
+    return ParamCount(dense=norms + attn + shared, expert=experts, fp32=spec.num_experts * h)
+
+
+def stage_params(spec: ModelSpec, layers: Sequence[int], tp: int, ep: int, first: bool, last: bool,
+                 pp: int) -> ParamCount:
+    """Elements one rank of a pipeline stage holds: its layers, plus embedding / final norm / head."""
+    total = ParamCount()
+    for i in layers:
+        total = total + layer_params(spec, i, tp, ep)
+    h, vocab = spec.hidden, spec.padded_vocab(tp) // tp
+    extra = 0
+    if first:
+        extra += vocab * h + (spec.max_positions * h if spec.learned_positions else 0)
+    if last:
+        extra += h * (2 if spec.layernorm else 1)
+        if not spec.tied or not first:  # untied head, or the tied copy on the last stage
+            extra += vocab * h
+    return total + ParamCount(dense=extra)
+
+
+# -- memory -----------------------------------------------------------------------------------------
+@dataclass
+class Memory:
+    """Bytes per rank by kind; `total` is the predicted peak."""
+    params: float = 0.0
+    grads: float = 0.0
+    optimizer: float = 0.0
+    activations: float = 0.0
+    buffers: float = 0.0
+    reserved: float = 0.0
+
+    @property
+    def states(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+    @property
+    def total(self) -> float:
+        return self.states + self.activations + self.buffers + self.reserved
+
+    def as_gb(self) -> Dict[str, float]:
+        return {k: round(getattr(self, k) / GB, 4) for k in ("params", "grads", "optimizer", "activations",
+                                                             "buffers", "reserved", "total")}
+
+
+def state_bytes(spec: ModelSpec, count: ParamCount, dp: int, expert_dp: int, distributed_optimizer: bool
+                ) -> Memory:
+    """Parameters (their dtype; router fp32), fp32 main grads, fp32 masters + 2 Adam moments.
+
+    The distributed optimizer shards masters and moments over the data-parallel group (experts over
+    the expert-data-parallel group), rounding each shard up as its buffers do.
+    """
+    params = (count.dense + count.expert) * spec.param_bytes + count.fp32 * 4
+    grads = count.total * 4
+    per_param_opt = 12  # fp32 master + exp_avg + exp_avg_sq
+    if distributed_optimizer:
+        dense = math.ceil((count.dense + count.fp32) / dp)
+        expert = math.ceil(count.expert / max(expert_dp, 1))
+        opt = (dense + expert) * per_param_opt
+    else:
+        opt = count.total * per_param_opt
+    return Memory(params=params, grads=grads, optimizer=opt)
+
+
+def activation_bytes_per_token(spec: ModelSpec, moe: bool, tp: int, recompute: Optional[str]) -> float:
+    """Bytes one layer keeps for backward per token of a micro-batch (analytic, flash attention).
+
+    Per Korthikanti et al. 2022 without dropout and with a fused attention that keeps no s x s matrix:
+    norm inputs, linear inputs, q/k/v, attention output (+ fp32 log-sum-exp), fc1 output and activation
+    output; hidden-sized tensors are split by TP only under sequence parallelism. MoE: router logits
+    (fp32), permuted tokens and expert intermediates for the top-k copies, combine inputs.
+    Full recompute keeps only the layer input.
+    """
+    b, h = spec.param_bytes, spec.hidden
+    h_part = h / tp if (spec.sequence_parallel and tp > 1) else h
+    if recompute == "full":
+        return b * h_part
+    qkv = (spec.heads + 2 * spec.query_groups) * spec.kv_channels
+    attn_out = spec.heads * spec.kv_channels
+    attn = b * (2 * h_part + (qkv + attn_out) / tp) + 4 * spec.heads / tp
+    if recompute == "selective":
+        attn -= b * attn_out / tp
+    chunks = 2 if spec.swiglu else 1
+    if not moe:
+        return attn + b * (2 * h_part + (chunks + 1) * spec.ffn / tp)
+    k = spec.topk
+    routed = 4 * 2 * spec.num_experts + b * (2 * k * h + k * (chunks + 1) * spec.moe_ffn / tp)
+    shared = b * (h_part + (chunks + 1) * spec.shared_ffn / tp) if spec.shared_ffn else 0.0
+    return attn + b * 2 * h_part + routed + shared
+
+
+def head_bytes_per_token(spec: ModelSpec, tp: int) -> float:
+    """Last stage: logits [s, b, v/tp] in the param dtype, kept by the in-place vocab-parallel loss."""
+    return spec.padded_vocab(tp) / tp * max(spec.param_bytes, 4)
+
+
+def moe_buffer_bytes(spec: ModelSpec, tokens: int) -> float:
+    """All-to-all send and receive buffers of one MoE layer for `tokens` tokens (transient)."""
+    return 2 * tokens * spec.topk * spec.hidden * spec.param_bytes if spec.num_experts else 0.0
+
+
+# -- compute ----------------------------------------------------------------------------------------
+def layer_flops(spec: ModelSpec, moe: bool) -> float:
+    """Forward FLOPs of one layer for one token (flops.py's training count / 3)."""
+    return transformer_flops_per_token(
+        1, spec.hidden, spec.ffn, spec.heads, spec.query_groups, spec.seq, 0, spec.swiglu,
+        spec.num_experts if moe else None, spec.topk, spec.moe_ffn or None, spec.shared_ffn or None,
+        [True] if moe else None) / 3.0
+
+
+def head_flops(spec: ModelSpec) -> float:
+    return 2.0 * spec.hidden * spec.vocab
+
+
+@dataclass
+class StageTimes:
+    """Seconds for one micro-batch on one rank of a stage (chunk-level sums)."""
+    fwd: float
+    bwd: float
+
+
+def compute_time(group: GroupSpec, spec: ModelSpec, what: str, mbs: int, tp: int) -> StageTimes:
+    """Forward / backward seconds of `what` ('dense', 'moe', 'embed', 'head') for one micro-batch.
+
+    With a profile (backends present) the measured time at this micro-batch size is used, split over TP
+    ranks; otherwise FLOPs / (peak x efficiency). Backward is 2x forward for FLOP-based estimates.
+    """
+    prof = group.profile
+    if prof is not None:
+        fwd, bwd = prof.time(what, mbs)
+        scale = 1.0 / (group.speed * (tp if what != "embed" else 1))
+        return StageTimes(fwd * scale, bwd * scale)
+    tokens = mbs * spec.seq
+    if what == "embed":
+        return StageTimes(0.0, 0.0)
+    flops = head_flops(spec) if what == "head" else layer_flops(spec, what == "moe")
+    rate = group.peak_tflops * 1e12 * group.efficiency * tp_efficiency(spec, tp)
+    fwd = flops * tokens / tp / rate
+    return StageTimes(fwd, 2.0 * fwd)
+
+
+def tp_efficiency(spec: ModelSpec, tp: int) -> float:
+    """GEMMs get narrower with TP: efficiency h_local / (h_local + 256) relative to tp=1."""
+    def eff(t):
+        local = spec.hidden / t
+        return local / (local + 256.0)
+    return eff(tp) / eff(1)
+
+
+# -- communication ----------------------------------------------------------------------------------
+def ring_allreduce_time(nbytes: float, n: int, bw: float, lat: float) -> float:
+    if n <= 1:
+        return 0.0
+    return 2 * (n - 1) / n * nbytes / bw + 2 * (n - 1) * lat
+
+
+def ring_half_time(nbytes: float, n: int, bw: float, lat: float) -> float:
+    """Reduce-scatter or all-gather of `nbytes` total."""
+    if n <= 1:
+        return 0.0
+    return (n - 1) / n * nbytes / bw + (n - 1) * lat
+
+
+def alltoall_time(nbytes: float, n: int, bw: float, lat: float) -> float:
+    if n <= 1:
+        return 0.0
+    return (n - 1) / n * nbytes / bw + (n - 1) * lat
+
+
+def tp_comm_time(spec: ModelSpec, group: GroupSpec, links: Links, mbs: int, tp: int, layers: int) -> float:
+    """Forward + backward TP collectives of `layers` layers for one micro-batch (not overlapped).
+
+    Two all-reduces (or all-gather + reduce-scatter under SP: the same bytes) per layer forward, and
+    two in backward, of the [s, b, h] activation. TP stays inside a node.
+    """
+    if tp <= 1 or layers == 0:
+        return 0.0
+    nbytes = mbs * spec.seq * spec.hidden * spec.param_bytes
+    bw, lat = links.bandwidth["intra_node"], links.latency["intra_node"]
+    if group.profile is not None and getattr(group.profile, "links", None):
+        bw, lat = group.profile.link("intra_node", bw, lat)
+    return 4 * layers * ring_allreduce_time(nbytes, tp, bw, lat)
+
+
+def ep_comm_time(spec: ModelSpec, group: GroupSpec, links: Links, mbs: int, tp: int, ep: int,
+                 moe_layers: int) -> float:
+    """Dispatch + combine all-to-all, forward and backward, of `moe_layers` MoE layers, one micro-batch."""
+    if ep <= 1 or moe_layers == 0:
+        return 0.0
+    tokens = mbs * spec.seq / (tp if spec.sequence_parallel else 1)
+    nbytes = tokens * spec.topk * spec.hidden * spec.param_bytes
+    kind = "intra_node" if ep * tp <= group.devices_per_node else "inter_node"
+    return 4 * moe_layers * alltoall_time(nbytes, ep, links.bandwidth[kind], links.latency[kind])
+
+
+def p2p_bytes(spec: ModelSpec, mbs: int) -> float:
+    """Activation (or its gradient) sent between stages per micro-batch: [s, b, h]."""
+    return mbs * spec.seq * spec.hidden * spec.param_bytes
+
+
+def dp_reduce_time(grad_bytes: float, members: Sequence[GroupSpec], counts: Sequence[int], links: Links,
+                   tp: int, distributed_optimizer: bool, param_bytes: float) -> float:
+    """Gradient reduction of one rank's `grad_bytes` over a data-parallel group, hierarchical.
+
+    Members are grouped by (site, domain): native reduce-scatter inside each, the shards reduced across
+    domains/sites over the slowest crossing link, native all-gather back (the bridge's hierarchy). With
+    the distributed optimizer the last all-gather moves parameters (param dtype) instead of gradients.
+    """
+    n = sum(counts)
+    if n <= 1:
+        return 0.0
+    parts: Dict[tuple, int] = {}
+    for g, c in zip(members, counts):
+        parts[(g.site, g.domain)] = parts.get((g.site, g.domain), 0) + c
+    gather_bytes = grad_bytes * (param_bytes / 4.0) if distributed_optimizer else grad_bytes
+    inner = 0.0
+    for g, c in zip(members, counts):
+        kind = "intra_node" if c * tp <= g.devices_per_node else "inter_node"
+        bw, lat = links.bandwidth[kind], links.latency[kind]
+        inner = max(inner, ring_half_time(grad_bytes, c, bw, lat) + ring_half_time(gather_bytes, c, bw, lat))
+    if len(parts) == 1:
+        return inner
+    sites = {s for s, _ in parts}
+    cross = "cross_site" if len(sites) > 1 else "cross_domain"
+    smallest = min(parts.values())
+    shard = grad_bytes / smallest
+    return inner + ring_allreduce_time(shard, len(parts), links.bandwidth[cross], links.latency[cross])
+
+
+def optimizer_time(group: GroupSpec, params_local: float) -> float:
+    """Adam step over this rank's (possibly sharded) parameters: memory-bound."""
+    prof = group.profile
+    if prof is not None and getattr(prof, "optimizer_s_per_param", None):
+        return prof.optimizer_s_per_param * params_local / group.speed
+    return ADAM_BYTES_PER_PARAM * params_local / group.memory_bandwidth
+
+
+def with_overrides(group: GroupSpec, **kw) -> GroupSpec:
+    return replace(group, **kw)
+
+
+def require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise MegahetError(msg)

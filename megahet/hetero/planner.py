@@ -1,0 +1,589 @@
+"""Choose a plan: stages, layers, TP/EP, pipelines and micro-batches that minimise predicted step time.
+
+The search is pruned, not enumerated:
+1. Layouts. Either every pipeline mixes groups (stage k of every pipeline on the same group; stages per
+   group proportional to its devices, sites kept contiguous, larger-memory groups first because early
+   stages hold more micro-batches in flight), or each pipeline lives in one group ("split": replicas
+   of different speed, balanced by uneven micro-batch counts). The DP degree is swept over the values
+   that change how many stages each group gets, so at most a few hundred layouts exist even at 50,000
+   devices. TP per group starts at the smallest degree that fits in memory.
+2. A fast score per (layout, micro-batch size, EP, recompute): layers balanced by speed, the 1F1B time
+   (m - 1) x slowest stage + fill, data-parallel time, a memory check with the schedule's in-flight
+   micro-batches.
+3. The best few are made exact (layers by dynamic programming over stages, or balanced by speed and
+   repaired at scale; micro-batches apportioned exactly to the global batch; virtual stages tried) and
+   predicted by simulating their real schedules (predict.py). The fastest that fits memory wins.
+"""
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from megahet.errors import MegahetError
+from megahet.hetero import cost_model as cm
+from megahet.hetero.predict import Options, Prediction, predict
+
+log = logging.getLogger("megahet")
+
+_RECOMPUTE = (None, "selective", "full")
+_UNSET = "unset"
+
+
+@dataclass
+class Constraints:
+    """Layout settings fixed by the user (None: searched)."""
+    tp: Optional[int] = None
+    pp: Optional[int] = None
+    dp: Optional[int] = None
+    ep: Optional[int] = None
+    micro_batch_size: Optional[int] = None
+    virtual_stages: Optional[int] = None
+    recompute: object = _UNSET          # None / "selective" / "full" when fixed
+    pipeline_layers: Optional[List[int]] = None
+    layout: Optional[str] = None        # "mixed" | "split" | None
+
+
+@dataclass
+class Settings:
+    micro_batch_sizes: Tuple[int, ...] = (1, 2, 4, 8)
+    top_k: int = 10
+    max_virtual_stages: int = 4
+    exact_partition_limit: int = 200_000   # p * L^2 above which layers are balanced and repaired instead
+    distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+
+
+@dataclass
+class Candidate:
+    """A plan before it is made exact: pipeline types share p stages and per-stage TP."""
+    kind: str
+    types: List[Tuple[Tuple[str, ...], int]]   # (stage groups, number of pipelines of this type)
+    tps: Tuple[int, ...]
+    mbs: int
+    ep: int
+    recompute: Optional[str]
+    score: float = math.inf
+    layers: Optional[List[int]] = None
+
+    @property
+    def p(self) -> int:
+        return len(self.tps)
+
+    @property
+    def pipelines(self) -> int:
+        return sum(n for _, n in self.types)
+
+    def describe(self) -> str:
+        kinds = " + ".join(f"{n} x [{', '.join(_runs(g))}]" for g, n in self.types)
+        tp = ",".join(map(str, sorted(set(self.tps))))
+        return (f"{self.kind}: {kinds}, TP {tp}, EP {self.ep}, micro-batch {self.mbs}, "
+                f"recompute {self.recompute or 'none'}")
+
+
+def _runs(stage_groups: Sequence[str]) -> List[str]:
+    out: List[Tuple[str, int]] = []
+    for g in stage_groups:
+        if out and out[-1][0] == g:
+            out[-1] = (g, out[-1][1] + 1)
+        else:
+            out.append((g, 1))
+    return [f"{g} x{n}" for g, n in out]
+
+
+@dataclass
+class Result:
+    plan: dict
+    prediction: Prediction
+    options: Options
+    candidate: Candidate
+    runner_up: Optional[Tuple[dict, Prediction, Candidate]] = None
+    why_runner_up_lost: str = ""
+    evaluated: int = 0
+    simulated: int = 0
+    seconds: float = 0.0
+
+
+# -- layouts ----------------------------------------------------------------------------------------
+def _tp_candidates(g: cm.GroupSpec, spec: cm.ModelSpec, fixed: Optional[int]) -> List[int]:
+    if fixed:
+        return [fixed]
+    out, t = [], 1
+    while t <= min(g.devices_per_node, g.devices):
+        if spec.check_tp(t) is None:
+            out.append(t)
+        t *= 2
+    return out or [1]
+
+
+def _ordered_groups(groups: Dict[str, cm.GroupSpec]) -> List[cm.GroupSpec]:
+    """Pipeline order: sites contiguous (one cut per site boundary), larger memory first within a site."""
+    site_order: Dict[str, int] = {}
+    for g in groups.values():
+        site_order.setdefault(g.site, len(site_order))
+    return sorted(groups.values(), key=lambda g: (site_order[g.site], -g.memory_gb, -g.peak_tflops))
+
+
+def _mixed_layouts(groups, spec, c: Constraints, gbs: int) -> List[Tuple[Tuple[str, ...], Tuple[int, ...], int]]:
+    """(stage groups, stage TPs, pipelines) of every mixed layout worth scoring."""
+    order = _ordered_groups(groups)
+    tp_sets = [_tp_candidates(g, spec, c.tp) for g in order]
+    out = {}
+    for tps in _product(tp_sets):
+        ds = set()
+        for g, t in zip(order, tps):
+            for k in range(1, spec.num_layers + 1):
+                d = g.devices // (k * t)
+                if d >= 1:
+                    ds.add(d)
+        if c.dp:
+            ds = {c.dp}
+        for d in ds:
+            if d > gbs:
+                continue
+            ks = [g.devices // (d * t) for g, t in zip(order, tps)]
+            p = sum(ks)
+            if p < 1 or p > spec.num_layers or (c.pp and p != c.pp):
+                continue
+            stage_groups = tuple(g.name for g, k in zip(order, ks) for _ in range(k))
+            stage_tps = tuple(t for t, k in zip(tps, ks) for _ in range(k))
+            key = (stage_groups, stage_tps)
+            if out.get(key, 0) < d:
+                out[key] = d
+    return [(sg, st, d) for (sg, st), d in out.items()]
+
+
+def _split_layouts(groups, spec, c: Constraints, gbs: int):
+    """(per-group pipeline counts, p, tp): every pipeline inside one group, all with p stages and TP tp."""
+    out = []
+    tps = {t for g in groups.values() for t in _tp_candidates(g, spec, c.tp)}
+    for t in sorted(tps):
+        if spec.check_tp(t) or any(t > g.devices_per_node for g in groups.values()):
+            continue
+        for p in range(1, spec.num_layers + 1):
+            if c.pp and p != c.pp:
+                continue
+            counts = {g.name: g.devices // (p * t) for g in groups.values()}
+            n = sum(counts.values())
+            if n < 1 or n > gbs or (c.dp and n != c.dp):
+                continue
+            out.append((counts, p, t))
+    return out
+
+
+def _product(sets):
+    if not sets:
+        yield ()
+        return
+    for x in sets[0]:
+        for rest in _product(sets[1:]):
+            yield (x,) + rest
+
+
+# -- fast score -------------------------------------------------------------------------------------
+class _Costs:
+    """Memoised per-layer cost of (group, mbs, tp, ep, recompute)."""
+
+    def __init__(self, spec, groups, links):
+        self.spec, self.groups, self.links = spec, groups, links
+        self.memo: Dict[tuple, Tuple[float, float, float, float]] = {}
+
+    def layer(self, g: str, mbs: int, tp: int, ep: int, rc) -> Tuple[float, float, float, float]:
+        """(seconds fwd+bwd per micro-batch of an average layer, activation bytes, state bytes, extra s)."""
+        key = (g, mbs, tp, ep, rc)
+        hit = self.memo.get(key)
+        if hit is None:
+            from megahet.hetero.predict import _chunk_cost
+            spec, grp = self.spec, self.groups[g]
+            n_moe = sum(1 for i in range(spec.num_layers) if spec.is_moe(i))
+            frac = n_moe / spec.num_layers
+            dense_id = next((i for i in range(spec.num_layers) if not spec.is_moe(i)), None)
+            moe_id = next((i for i in range(spec.num_layers) if spec.is_moe(i)), None)
+            t = a = s = 0.0
+            for lid, w in ((dense_id, 1 - frac), (moe_id, frac)):
+                if lid is None or w == 0:
+                    continue
+                f, b, act = _chunk_cost(spec, grp, self.links, [lid], False, False, mbs, tp, ep, rc)
+                cnt = cm.layer_params(spec, lid, tp, ep)
+                t, a = t + w * (f + b), a + w * act
+                s += w * (cnt.dense + cnt.expert) * spec.param_bytes + w * cnt.fp32 * 4
+            ef, eb, eact = _chunk_cost(spec, grp, self.links, [], True, False, mbs, tp, ep, rc)
+            hf, hb, hact = _chunk_cost(spec, grp, self.links, [], False, True, mbs, tp, ep, rc)
+            hit = (t, a, s, (ef + eb, eact, hf + hb, hact))
+            self.memo[key] = hit
+        return hit
+
+
+def _balance(times: Sequence[float], extra: Sequence[float], layers: int) -> List[int]:
+    """Layers per stage (>= 1 each) minimising max(n_j * times[j] + extra[j]): fill by speed, then repair."""
+    p = len(times)
+    if layers < p:
+        raise MegahetError(f"{p} pipeline stages need at least {p} layers, the model has {layers}")
+    inv = sum(1.0 / t for t in times)
+    target = (layers + sum(e / t for e, t in zip(extra, times))) / inv
+    n = [max(1, int((target - e) / t)) for t, e in zip(times, extra)]
+    while sum(n) > layers:
+        j = max((j for j in range(p) if n[j] > 1), key=lambda j: n[j] * times[j] + extra[j])
+        n[j] -= 1
+    heap = [((n[j] + 1) * times[j] + extra[j], j) for j in range(p)]
+    heapq.heapify(heap)
+    while sum(n) < layers:
+        _, j = heapq.heappop(heap)
+        n[j] += 1
+        heapq.heappush(heap, ((n[j] + 1) * times[j] + extra[j], j))
+    return n
+
+
+def _score(cand: Candidate, costs: _Costs, gbs: int, spec: cm.ModelSpec, settings: Settings
+           ) -> Tuple[float, Dict[str, float]]:
+    """Fast step-time estimate and per-group memory overflow (GB) of a candidate (v = 1, 1F1B)."""
+    p = cand.p
+    units = gbs // cand.mbs
+    per_type = []
+    overflow: Dict[str, float] = {}
+    d = cand.pipelines
+    expert_dp = max(d // cand.ep, 1)
+    for stage_groups, count in cand.types:
+        lay = [costs.layer(g, cand.mbs, t, cand.ep, cand.recompute) for g, t in zip(stage_groups, cand.tps)]
+        times = [x[0] for x in lay]
+        extra = [0.0] * p
+        extra[0] += lay[0][3][0]
+        extra[-1] += lay[-1][3][2]
+        n = cand.layers if cand.layers else _balance(times, extra, spec.num_layers)
+        stage_t = [n[j] * times[j] + extra[j] for j in range(p)]
+        per_type.append((count, max(stage_t), sum(stage_t)))
+        for j, (g, t) in enumerate(zip(stage_groups, cand.tps)):
+            grp = costs.groups[g]
+            m_est = max(1, units // d)
+            inflight = min(p - j, m_est)
+            act = inflight * n[j] * lay[j][1] + (inflight * lay[0][3][1] if j == 0 else 0) + (
+                lay[-1][3][3] if j == p - 1 else 0)
+            states = n[j] * lay[j][2] / spec.param_bytes  # elements (approx: router counted as 2 units)
+            emb = spec.padded_vocab(t) // t * spec.hidden if (j == 0 or j == p - 1) else 0
+            elems = states + emb
+            opt = 12 * elems / (d if settings.distributed_optimizer else 1)
+            need = elems * (spec.param_bytes + 4) + opt + act + grp.reserved_gb * cm.GB
+            if need > grp.memory_bytes:
+                overflow[g] = max(overflow.get(g, 0.0), (need - grp.memory_bytes) / cm.GB)
+    # Micro-batches: one common finish time T over all pipelines, m_i = T / slowest_i - (p - 1).
+    rate = sum(count / slow for count, slow, _ in per_type)
+    fills = sum(count * (total - slow) / slow for count, slow, total in per_type)
+    T = (units + fills) / rate
+    return T, overflow
+
+
+# -- exact plans ------------------------------------------------------------------------------------
+def _partition_exact(times_of, p: int, L: int) -> List[int]:
+    """Contiguous split of layers 0..L-1 into p stages minimising the slowest stage (DP over stages).
+
+    times_of(j, a, b): seconds of layers a..b-1 on stage j (inf when they do not fit).
+    """
+    INF = math.inf
+    best = [[INF] * (L + 1) for _ in range(p + 1)]
+    cut = [[0] * (L + 1) for _ in range(p + 1)]
+    best[0][0] = 0.0
+    for j in range(1, p + 1):
+        for b in range(j, L - (p - j) + 1):
+            for a in range(j - 1, b):
+                if best[j - 1][a] == INF:
+                    continue
+                v = max(best[j - 1][a], times_of(j - 1, a, b))
+                if v < best[j][b]:
+                    best[j][b], cut[j][b] = v, a
+    if best[p][L] == INF:
+        raise MegahetError("no split of the layers fits every stage's memory")
+    out, b = [], L
+    for j in range(p, 0, -1):
+        a = cut[j][b]
+        out.append(b - a)
+        b = a
+    return out[::-1]
+
+
+def _apportion(units: int, types: List[Tuple[int, float, float]]) -> List[List[int]]:
+    """Micro-batches per pipeline (per type: a list, one per pipeline) summing exactly to `units`.
+
+    types: (pipelines, slowest stage s, fill s). Each unit goes where the finish time grows least.
+    """
+    counts = [[0] * n for n, _, _ in types]
+    total = sum(n for n, _, _ in types)
+    if units < total:
+        raise MegahetError(f"{units} micro-batches cannot feed {total} pipelines")
+    heap = []
+    for ti, (n, slow, fill) in enumerate(types):
+        for i in range(n):
+            counts[ti][i] = 1
+            heap.append((fill + slow, ti, i))  # finish time with one more micro-batch
+    heapq.heapify(heap)
+    for _ in range(units - total):
+        _, ti, i = heapq.heappop(heap)
+        counts[ti][i] += 1
+        _, slow, fill = types[ti]
+        heapq.heappush(heap, (fill + slow * counts[ti][i], ti, i))
+    return counts
+
+
+def make_plan(cand: Candidate, costs: _Costs, gbs: int, spec: cm.ModelSpec, v: int,
+              settings: Settings, fixed_layers: Optional[List[int]] = None) -> dict:
+    """Exact plan dict (layers, micro-batches) for a candidate."""
+    p = cand.p
+    ref_groups, _ = max(cand.types, key=lambda x: x[1])
+    lay = [costs.layer(g, cand.mbs, t, cand.ep, cand.recompute) for g, t in zip(ref_groups, cand.tps)]
+    times = [x[0] for x in lay]
+    extra = [0.0] * p
+    extra[0] += lay[0][3][0]
+    extra[-1] += lay[-1][3][2]
+    if fixed_layers:
+        layers = list(fixed_layers)
+    elif p * spec.num_layers ** 2 <= settings.exact_partition_limit and v == 1:
+        layers = _partition_exact(lambda j, a, b: (b - a) * times[j] + extra[j], p, spec.num_layers)
+    else:
+        layers = _balance(times, extra, spec.num_layers)
+    if v > 1:
+        layers = _round_to_chunks(layers, v, times, extra)
+    cand.layers = layers
+    types = []
+    for stage_groups, n in cand.types:
+        lt = [costs.layer(g, cand.mbs, t, cand.ep, cand.recompute)[0] for g, t in zip(stage_groups, cand.tps)]
+        st = [layers[j] * lt[j] + extra[j] for j in range(p)]
+        slow = max(st)
+        types.append((n, slow, sum(st) / v - slow / v))
+    units, step = gbs // cand.mbs, (p if v > 1 else 1)  # interleaving needs multiples of p per pipeline
+    if units % step:
+        raise MegahetError(f"{units} micro-batches do not split into multiples of {p} for interleaving")
+    counts = [[m * step for m in ms] for ms in _apportion(units // step, [(n, s * step, f) for n, s, f in types])]
+    pipelines = []
+    for (stage_groups, _), mcounts in zip(cand.types, counts):
+        for m in mcounts:
+            pipelines.append({"micro_batch_size": cand.mbs, "micro_batches": m,
+                              "stages": [{"group": g, "tensor_parallel": t} for g, t in zip(stage_groups, cand.tps)]})
+    return {"layers": layers, "virtual_stages": v, "expert_parallel": cand.ep, "pipelines": pipelines}
+
+
+def _round_to_chunks(layers: List[int], v: int, times, extra) -> List[int]:
+    """Make every stage's layer count a multiple of v (interleaving splits stages into v chunks)."""
+    L = sum(layers)
+    out = [max(v, round(n / v) * v) for n in layers]
+    while sum(out) > L:
+        j = max((j for j in range(len(out)) if out[j] > v), key=lambda j: out[j] * times[j] + extra[j])
+        out[j] -= v
+    while sum(out) < L:
+        j = min(range(len(out)), key=lambda j: (out[j] + v) * times[j] + extra[j])
+        out[j] += v
+    if sum(out) != L:
+        raise MegahetError("layers do not split into the virtual stages")
+    return out
+
+
+# -- search -----------------------------------------------------------------------------------------
+def search(spec: cm.ModelSpec, groups: Dict[str, cm.GroupSpec], links: cm.Links, global_batch_size: int,
+           constraints: Constraints = Constraints(), settings: Settings = Settings()) -> Result:
+    """The fastest plan that fits every device's memory; MegahetError naming the group that lacks it."""
+    t0 = time.perf_counter()
+    c = constraints
+    gbs = global_batch_size
+    costs = _Costs(spec, groups, links)
+    if c.pipeline_layers and c.pp is None:
+        c.pp = len(c.pipeline_layers)
+    mbs_list = [c.micro_batch_size] if c.micro_batch_size else [b for b in settings.micro_batch_sizes if gbs % b == 0]
+    rc_list = [c.recompute] if c.recompute != _UNSET else list(_RECOMPUTE)
+    ep_all = _divisors(spec.num_experts) if spec.num_experts else [1]
+    if c.ep:
+        ep_all = [c.ep]
+    layouts: List[Candidate] = []
+    if c.layout in (None, "mixed"):
+        for sg, st, d in _mixed_layouts(groups, spec, c, gbs):
+            layouts.append(Candidate("mixed", [(sg, d)], st, 0, 1, None))
+    if c.layout in (None, "split") and (len(groups) > 1 or not layouts):
+        for counts, p, t in _split_layouts(groups, spec, c, gbs):
+            types = [((g,) * p, n) for g, n in counts.items() if n > 0]
+            layouts.append(Candidate("split", types, (t,) * p, 0, 1, None))
+    if not layouts:
+        raise MegahetError(_no_layout_reason(spec, groups, c, gbs))
+    scored: List[Candidate] = []
+    least_bad: Optional[Tuple[float, Dict[str, float], Candidate]] = None
+    evaluated = 0
+    for base in layouts:
+        d = base.pipelines
+        eps = [e for e in ep_all if _ep_fits(e, base)] or ([1] if not spec.num_experts else [])
+        for mbs in mbs_list:
+            if d * mbs > gbs:
+                continue
+            for ep in eps:
+                for rc in rc_list:
+                    cand = Candidate(base.kind, base.types, base.tps, mbs, ep, rc, layers=c.pipeline_layers)
+                    try:
+                        score, over = _score(cand, costs, gbs, spec, settings)
+                    except MegahetError:
+                        continue
+                    evaluated += 1
+                    if over:
+                        worst = sum(over.values())
+                        if least_bad is None or worst < least_bad[0]:
+                            least_bad = (worst, over, cand)
+                        continue
+                    cand.score = score
+                    scored.append(cand)
+                    break  # more recompute only costs time once this one fits
+    if not scored:
+        raise MegahetError(_infeasible_reason(least_bad, groups, spec, c))
+    scored.sort(key=lambda x: x.score)
+    top = _distinct(scored, settings.top_k)
+    options = lambda cand: Options(recompute=cand.recompute,  # noqa: E731
+                                   distributed_optimizer=settings.distributed_optimizer,
+                                   overlap_grad_reduce=settings.overlap_grad_reduce)
+    finals: List[Tuple[float, dict, Prediction, Candidate]] = []
+    simulated = 0
+    for cand in top:
+        for v in _vpp_options(cand, spec, c, settings, gbs):
+            try:
+                plan = make_plan(Candidate(cand.kind, cand.types, cand.tps, cand.mbs, cand.ep, cand.recompute),
+                                 costs, gbs, spec, v, settings, c.pipeline_layers)
+            except MegahetError:
+                continue
+            pred = predict(plan, spec, groups, links, options(cand))
+            simulated += 1
+            if not pred.feasible:
+                if least_bad is None or sum(pred.overflow.values()) < least_bad[0]:
+                    least_bad = (sum(pred.overflow.values()), pred.overflow, cand)
+                continue
+            finals.append((pred.step_time_s, plan, pred, cand))
+    if not finals:
+        raise MegahetError(_infeasible_reason(least_bad, groups, spec, c))
+    finals.sort(key=lambda x: x[0])
+    _, plan, pred, cand = finals[0]
+    pred = predict(plan, spec, groups, links, options(cand), keep_timeline=True)
+    plan["predicted"] = _predicted_block(pred, cand)
+    res = Result(plan, pred, options(cand), cand, evaluated=evaluated, simulated=simulated)
+    other = next((f for f in finals[1:] if f[3].describe() != cand.describe() or f[1]["virtual_stages"]
+                  != plan["virtual_stages"]), None)
+    if other:
+        res.runner_up = (other[1], other[2], other[3])
+        res.why_runner_up_lost = why_lost(pred, other[2], other[3], other[1])
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _predicted_block(pred: Prediction, cand: Candidate) -> dict:
+    return {"step_time_s": round(pred.step_time_s, 6), "tokens_per_s": round(pred.tokens_per_s, 3),
+            "recompute_granularity": cand.recompute}
+
+
+def _vpp_options(cand: Candidate, spec, c: Constraints, settings: Settings, gbs: int) -> List[int]:
+    if c.virtual_stages:
+        return [c.virtual_stages]
+    if cand.p == 1:
+        return [1]
+    out = [1]
+    per_pipe = gbs // cand.mbs // cand.pipelines
+    for v in range(2, settings.max_virtual_stages + 1):
+        if spec.num_layers >= cand.p * v and per_pipe % cand.p == 0 and per_pipe >= cand.p:
+            out.append(v)
+    return out
+
+
+def _ep_fits(ep: int, cand: Candidate) -> bool:
+    """EP groups form across pipelines at each stage and must stay inside one group (one domain)."""
+    return all(n % ep == 0 for _, n in cand.types)
+
+
+def _distinct(cands: List[Candidate], k: int) -> List[Candidate]:
+    seen, out = set(), []
+    for cand in cands:
+        key = cand.describe()
+        if key not in seen:
+            seen.add(key)
+            out.append(cand)
+        if len(out) == k:
+            break
+    return out
+
+
+def _divisors(n: int) -> List[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def why_lost(best: Prediction, other: Prediction, cand: Candidate, plan: dict) -> str:
+    """One sentence: the runner-up and the part of its step time that lost."""
+    parts = {"pipeline bubble": other.pipeline_time_s * other.bubble - best.pipeline_time_s * best.bubble,
+             "compute per stage": other.pipeline_time_s * (1 - other.bubble) - best.pipeline_time_s * (1 - best.bubble),
+             "exposed gradient reduction": other.dp_exposed_s - best.dp_exposed_s,
+             "optimizer step": other.optimizer_s - best.optimizer_s}
+    reason = max(parts, key=parts.get)
+    gap = (other.step_time_s / best.step_time_s - 1) * 100 if best.step_time_s else 0.0
+    return (f"runner-up {cand.describe()}, virtual stages {plan['virtual_stages']}: "
+            f"{other.step_time_s:.4g} s/step (+{gap:.1f}%), mostly {reason} (+{parts[reason]:.3g} s)")
+
+
+def _no_layout_reason(spec, groups, c: Constraints, gbs: int) -> str:
+    fixed = ", ".join(f"{k}={v}" for k, v in (("tp", c.tp), ("pp", c.pp), ("dp", c.dp)) if v)
+    return (f"no layout of {sum(g.devices for g in groups.values())} devices fits {spec.num_layers} layers and "
+            f"--global-batch-size {gbs}{' with ' + fixed if fixed else ''}; relax the fixed layout flags or "
+            f"raise --global-batch-size")
+
+
+def _infeasible_reason(least_bad, groups, spec, c: Constraints) -> str:
+    if least_bad is None:
+        return "no plan fits the cluster; relax the fixed layout flags"
+    _, over, cand = least_bad
+    g = max(over, key=over.get)
+    grp = groups[g]
+    return (f"group '{g}' ({grp.devices} x {grp.memory_gb:g} GB) lacks memory: even the best layout "
+            f"({cand.describe()}) needs {over[g]:.1f} GB more per device; add devices or memory to '{g}', "
+            f"use --use-distributed-optimizer, or train a smaller model")
+
+
+# -- cluster spec -> cost-model groups ---------------------------------------------------------------
+_DOMAIN = {"cpu": "cpu", "sim": "sim", "cuda": "cuda", "npu": "npu"}
+_PROFILED = ("cpu", "sim")  # backends measured on this machine (sim is CPU compute slowed by `speed`)
+
+
+def cluster_groups(cluster, profile=None) -> Dict[str, cm.GroupSpec]:
+    """Cost-model groups of a ClusterSpec. `profile`: the CPU Profile used for cpu and sim groups.
+
+    Devices not present need `tflops` and `memory_gb` in the spec; cpu/sim groups take their speed from
+    the profile and their memory from the spec or this host's memory shared by the local ranks.
+    """
+    out: Dict[str, cm.GroupSpec] = {}
+    local = sum(g.devices for g in cluster.groups if g.backend in _PROFILED)
+    for g in cluster.groups:
+        if g.name in out:
+            raise MegahetError(f"cluster spec lists group '{g.name}' twice; give each group its own name")
+        profiled = g.backend in _PROFILED and profile is not None
+        speed = float(g.speed or 1.0)
+        tflops = g.tflops
+        if tflops is None and profiled:
+            tflops = profile.peak_tflops * speed
+        if tflops is None:
+            raise MegahetError(f"cluster group '{g.name}' ({g.backend}) needs 'tflops' (peak dense TFLOP/s per "
+                               f"device) to be planned: it is not present here to be measured")
+        memory = g.memory_gb
+        if memory is None and g.backend in _PROFILED:
+            memory = _host_memory_gb() / max(local, 1)
+        if memory is None:
+            raise MegahetError(f"cluster group '{g.name}' ({g.backend}) needs 'memory_gb' per device to be planned")
+        out[g.name] = cm.GroupSpec(
+            name=g.name, backend=g.backend, devices=g.devices,
+            devices_per_node=int(g.devices_per_node or (g.devices if g.backend in _PROFILED else 8)),
+            peak_tflops=float(tflops), memory_gb=float(memory),
+            domain=g.domain or _DOMAIN.get(g.backend, g.backend), site=str(getattr(g, "site", None) or "site0"),
+            speed=speed if profiled else 1.0,
+            efficiency=float(getattr(g, "efficiency", None) or cm.EFFICIENCY.get(g.backend, 0.5)),
+            memory_bandwidth=float(getattr(g, "memory_bandwidth_gbps", None) or 0) * cm.GB
+            or cm.DEFAULT_MEM_BW.get(g.backend, 1e12),
+            reserved_gb=cm.RESERVED_GB.get(g.backend, 0.0), profile=profile if profiled else None)
+    return out
+
+
+def _host_memory_gb() -> float:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024 / cm.GB
+    except OSError:
+        pass
+    return 16.0

@@ -1,0 +1,286 @@
+"""Measure what the cost model needs on a backend present here: layer times, activation bytes, links.
+
+One dense layer, one MoE layer (MoE models), the embedding and the output head with its loss are
+timed forward and backward at each candidate micro-batch size, with the thread count each rank will
+have; the bytes autograd keeps for backward are counted per token (saved-tensor hooks, deduplicated by
+storage, parameters excluded), with and without recompute; an AdamW step gives seconds per parameter.
+Results are cached as JSON under $MEGAHET_CACHE_DIR/profiles keyed by (backend, shape, dtype, threads,
+torch version), so planning again is free. TP degrees are not timed (one process cannot run TP here):
+a TP shard's compute is the layer's time / tp and its collectives come from the link model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from megahet.errors import MegahetError
+
+log = logging.getLogger("megahet")
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class Profile:
+    """Measured figures of one backend for one model shape (seconds; bytes per token)."""
+    backend: str
+    key: str
+    times: Dict[str, List[float]] = field(default_factory=dict)        # "what/mbs" -> [fwd, bwd]
+    act_bytes: Dict[str, float] = field(default_factory=dict)          # "what/recompute" -> bytes per token
+    optimizer_s_per_param: float = 0.0
+    peak_tflops: float = 0.0
+    links: Dict[str, List[float]] = field(default_factory=dict)         # kind -> [bytes/s, latency s]
+
+    def time(self, what: str, mbs: int) -> Tuple[float, float]:
+        """(fwd, bwd) seconds at micro-batch `mbs`; other sizes by a linear fit in mbs through the points."""
+        hit = self.times.get(f"{what}/{mbs}")
+        if hit:
+            return hit[0], hit[1]
+        pts = sorted((int(k.split("/")[1]), v) for k, v in self.times.items() if k.split("/")[0] == what)
+        if not pts:
+            if what == "embed":
+                return 0.0, 0.0
+            raise MegahetError(f"profile {self.key} has no '{what}' timings; delete the profile cache and re-run")
+        if len(pts) == 1:
+            b, (f, w) = pts[0]
+            return f * mbs / b, w * mbs / b
+        (b0, v0), (b1, v1) = (pts[0], pts[-1]) if mbs > pts[-1][0] or mbs < pts[0][0] else _bracket(pts, mbs)
+        return tuple(v0[i] + (v1[i] - v0[i]) * (mbs - b0) / (b1 - b0) for i in (0, 1))  # type: ignore
+
+    def activation_bytes(self, what: str, recompute: Optional[str]) -> Optional[float]:
+        return self.act_bytes.get(f"{what}/{recompute or 'none'}")
+
+    def link(self, kind: str, default_bw: float, default_lat: float) -> Tuple[float, float]:
+        hit = self.links.get(kind)
+        return (hit[0], hit[1]) if hit else (default_bw, default_lat)
+
+
+def _bracket(pts, mbs):
+    for a, b in zip(pts, pts[1:]):
+        if a[0] <= mbs <= b[0]:
+            return a, b
+    return pts[0], pts[-1]
+
+
+def cache_dir() -> str:
+    base = os.environ.get("MEGAHET_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "megahet")
+    return os.path.join(base, "profiles")
+
+
+def profile_key(backend: str, model_cfg, dtype: torch.dtype, threads: int, mbs: Sequence[int]) -> str:
+    shape = {k: getattr(model_cfg, k) for k in sorted(vars(model_cfg)) if not k.startswith("_")}
+    text = json.dumps([backend, shape, str(dtype), threads, list(mbs), torch.__version__], sort_keys=True, default=str)
+    return f"{backend}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def load_or_measure(model_cfg, dtype: torch.dtype, *, backend: str = "cpu", threads: Optional[int] = None,
+                    micro_batch_sizes: Sequence[int] = (1, 2, 4), vocab_size: int = 32000,
+                    progress: Optional[Progress] = None, repeats: int = 3, use_cache: bool = True) -> Profile:
+    """The cached profile of this model shape on `backend`, measuring it on a miss."""
+    threads = threads or torch.get_num_threads()
+    key = profile_key(backend, model_cfg, dtype, threads, micro_batch_sizes)
+    path = os.path.join(cache_dir(), key + ".json")
+    if use_cache and os.path.exists(path):
+        try:
+            with open(path) as fh:
+                return Profile(**json.load(fh))
+        except (OSError, ValueError, TypeError):
+            log.warning("profile cache %s unreadable; measuring again", path)
+    prof = measure(model_cfg, dtype, backend=backend, threads=threads, micro_batch_sizes=micro_batch_sizes,
+                   vocab_size=vocab_size, progress=progress, repeats=repeats)
+    prof.key = key
+    os.makedirs(cache_dir(), exist_ok=True)
+    tmp = path + ".partial"
+    with open(tmp, "w") as fh:
+        json.dump(asdict(prof), fh, indent=1)
+    os.replace(tmp, path)
+    return prof
+
+
+class _SavedBytes:
+    """Peak bytes autograd keeps for backward, deduplicated by storage, parameters excluded."""
+
+    def __init__(self, params):
+        self.params = {p.untyped_storage().data_ptr() for p in params}
+        self.seen: Dict[int, int] = {}
+
+    def pack(self, t):
+        key = t.untyped_storage().data_ptr()
+        if key not in self.params and key not in self.seen:
+            self.seen[key] = t.untyped_storage().nbytes()
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+
+def _timed(fn, sync) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def measure(model_cfg, dtype: torch.dtype, *, backend: str = "cpu", threads: int = 1,
+            micro_batch_sizes: Sequence[int] = (1, 2, 4), vocab_size: int = 32000,
+            progress: Optional[Progress] = None, repeats: int = 3) -> Profile:
+    """Time and measure the pieces of `model_cfg` (a finalized ModelConfig) on this machine's `backend`."""
+    from megahet.models.gpt import GPTModel
+    from megahet.models.transformer import TransformerLayer, is_moe_layer, rotary_tables
+    from megahet.parallel.context import single_process_context
+    from megahet.tokenizer import padded_vocab_size
+
+    ctx = single_process_context(backend)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    sync = lambda: ctx.backend.synchronize(ctx.device)  # noqa: E731
+    prof = Profile(backend=backend, key="")
+    cfg = model_cfg
+    seq, h = cfg.seq_length, cfg.hidden_size
+    padded = padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, 1)
+    kinds = ["dense"] + (["moe"] if cfg.num_experts else [])
+    layer_ids = {"dense": next((i for i in range(cfg.num_layers) if not is_moe_layer(cfg, i)), None),
+                 "moe": next((i for i in range(cfg.num_layers) if is_moe_layer(cfg, i)), None)}
+    kinds = [k for k in kinds if layer_ids[k] is not None]
+    total = len(micro_batch_sizes) * (len(kinds) + 2) + len(kinds) + 1
+    done = 0
+
+    def tick(label: str):
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, total, label)
+
+    rope = rotary_tables(cfg.max_position_embeddings or seq, cfg.kv_channels, cfg.rotary_base, ctx.device) \
+        if cfg.position_embedding_type == "rope" else None
+    torch.manual_seed(0)
+    try:
+        modules = {k: TransformerLayer(cfg, ctx, layer_ids[k], 1234, False, dtype, ctx.device, None) for k in kinds}
+        embed = GPTModel(cfg, ctx, layer_ids=[], pre_process=True, post_process=False, vocab_size=vocab_size,
+                         padded_vocab_size=padded, dtype=dtype)
+        head = GPTModel(cfg, ctx, layer_ids=[], pre_process=False, post_process=True, vocab_size=vocab_size,
+                        padded_vocab_size=padded, dtype=dtype)
+        for mbs in micro_batch_sizes:
+            for k in kinds:
+                layer = modules[k]
+                x = torch.randn(seq, mbs, h, dtype=dtype, device=ctx.device)
+                prof.times[f"{k}/{mbs}"] = _fwd_bwd(lambda x=x, layer=layer: layer(x.requires_grad_(), rope),
+                                                    sync, repeats)
+                tick(f"{k} layer, micro-batch {mbs}")
+            tokens = torch.randint(0, vocab_size, (mbs, seq), device=ctx.device)
+            prof.times[f"embed/{mbs}"] = _fwd_bwd(lambda t=tokens: embed(tokens=t), sync, repeats)
+            tick(f"embedding, micro-batch {mbs}")
+            hidden = torch.randn(seq, mbs, h, dtype=dtype, device=ctx.device)
+            prof.times[f"head/{mbs}"] = _fwd_bwd(
+                lambda x=hidden, t=tokens: head(hidden_states=x.requires_grad_(), labels=t).sum(), sync, repeats)
+            tick(f"head + loss, micro-batch {mbs}")
+        mbs = micro_batch_sizes[0]
+        tokens_n = mbs * seq
+        for k in kinds:
+            layer = modules[k]
+            for rc in ("none", "selective"):
+                layer.self_attention.recompute_core = rc == "selective"
+                meter = _SavedBytes(layer.parameters())
+                x = torch.randn(seq, mbs, h, dtype=dtype, device=ctx.device, requires_grad=True)
+                with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t):
+                    out = layer(x, rope)
+                prof.act_bytes[f"{k}/{rc}"] = meter.total / tokens_n
+                del out
+            layer.self_attention.recompute_core = False
+            prof.act_bytes[f"{k}/full"] = h * torch.finfo(dtype).bits / 8  # only the layer input is kept
+            tick(f"{k} layer activations")
+        meter = _SavedBytes(head.parameters())
+        x = torch.randn(seq, mbs, h, dtype=dtype, device=ctx.device, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t):
+            out = head(hidden_states=x, labels=torch.randint(0, vocab_size, (mbs, seq)))
+        prof.act_bytes["head/none"] = meter.total / tokens_n
+        del out
+        prof.optimizer_s_per_param = _adam_seconds_per_param(sync)
+        prof.peak_tflops = ctx.backend.peak_flops(dtype) / 1e12
+        tick("optimizer step")
+    finally:
+        torch.set_num_threads(old_threads)
+    return prof
+
+
+def _fwd_bwd(fn, sync, repeats: int) -> List[float]:
+    """Median forward and backward seconds of `fn()` (its output backpropagated with a ones gradient)."""
+    fwds, bwds = [], []
+    for i in range(repeats + 1):
+        out = None
+
+        def forward():
+            nonlocal out
+            out = fn()
+
+        f = _timed(forward, sync)
+        grad = torch.ones_like(out)
+        b = _timed(lambda: out.backward(grad), sync)
+        if i:  # the first run warms up
+            fwds.append(f)
+            bwds.append(b)
+    return [statistics.median(fwds), statistics.median(bwds)]
+
+
+def _adam_seconds_per_param(sync, n: int = 2_000_000) -> float:
+    p = torch.nn.Parameter(torch.randn(n))
+    p.grad = torch.randn(n)
+    opt = torch.optim.AdamW([p], lr=1e-4)
+    opt.step()
+    runs = [_timed(opt.step, sync) for _ in range(3)]
+    return statistics.median(runs) / n
+
+
+def measure_links(sizes: Sequence[int] = (1 << 12, 1 << 16, 1 << 20, 1 << 23), repeats: int = 5,
+                  timeout: float = 120.0) -> Dict[str, List[float]]:
+    """Fit bandwidth and latency of gloo between two local processes (the intra-node CPU link and,
+    host-staged, the bridge between a cpu and a sim domain) from round-trip times by message size."""
+    from megahet.testing import run_distributed
+    res = run_distributed(_pingpong, 2, list(sizes), repeats, timeout=timeout)
+    points = res[0]
+    bw, lat = fit_link(points)
+    return {"intra_node": [bw, lat], "cross_domain": [bw, lat]}
+
+
+def fit_link(points: Sequence[Tuple[int, float]]) -> Tuple[float, float]:
+    """Least-squares t = latency + bytes / bandwidth over (bytes, one-way seconds) points."""
+    n = len(points)
+    mx = sum(b for b, _ in points) / n
+    my = sum(t for _, t in points) / n
+    sxx = sum((b - mx) ** 2 for b, _ in points)
+    slope = sum((b - mx) * (t - my) for b, t in points) / sxx if sxx else 0.0
+    lat = max(my - slope * mx, 0.0)
+    bw = 1.0 / slope if slope > 0 else float("inf")
+    return bw, lat
+
+
+def _pingpong(sizes, repeats):
+    import torch.distributed as dist
+    rank = dist.get_rank()
+    out = []
+    for size in sizes:
+        buf = torch.zeros(size // 4)
+        times = []
+        for i in range(repeats + 1):
+            dist.barrier()
+            t0 = time.perf_counter()
+            if rank == 0:
+                dist.send(buf, 1)
+                dist.recv(buf, 1)
+            else:
+                dist.recv(buf, 0)
+                dist.send(buf, 0)
+            if i:
+                times.append((time.perf_counter() - t0) / 2)
+        out.append((size, statistics.median(times)))
+    return out
