@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--no-profile", action="store_true", help="Cost cpu/sim groups from FLOPs too (needs tflops).")
     g.add_argument("--layout", choices=["mixed", "split"], default=None,
                    help="Only mixed pipelines (stages on several groups) or only split ones (one group each).")
+    g.add_argument("--allow-idle", action="store_true",
+                   help="Allow plans that leave devices idle (such a plan runs only on a trimmed cluster spec).")
     g.add_argument("--confirm", type=int, default=0, metavar="N",
                    help="Run the top N candidates for a few steps on this machine and keep the fastest measured.")
     return ap
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
         if args.recompute_granularity is None and "--recompute-granularity" in (argv or sys.argv):
             given["recompute_granularity"] = None
         res = plan_job(cfg, cluster, given, measure=not args.no_profile,
-                       progress=None if args.json else _bar, layout=args.layout)
+                       progress=None if args.json else _bar, layout=args.layout, allow_idle=args.allow_idle)
         if args.confirm:
             from megahet.hetero.confirm import confirm
             res = confirm(res, cfg, args, args.confirm)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from typing import Callable, Dict, Optional
 
 import torch
@@ -61,10 +62,13 @@ def constraints_from_flags(given: Dict[str, object], cfg) -> Constraints:
 
 def plan_job(cfg, cluster, given: Optional[Dict[str, object]] = None, *, measure: bool = True,
              progress: Optional[Callable] = None, vocab_size: Optional[int] = None,
-             settings: Optional[Settings] = None, layout: Optional[str] = None) -> Result:
+             settings: Optional[Settings] = None, layout: Optional[str] = None, allow_idle: bool = False,
+             flash_attention: bool = True) -> Result:
     """Search the best plan for `cfg` on `cluster`; MegahetError when nothing fits."""
     prof = profile_for(cfg, cluster, measure=measure, progress=progress, vocab_size=vocab_size)
     spec = cm.ModelSpec.from_config(cfg, vocab_size)
+    if not flash_attention:
+        spec = replace(spec, flash_attention=False)
     groups = cluster_groups(cluster, prof)
     links = cm.Links.from_cluster(cluster.links)
     if prof is not None and prof.links:
@@ -72,7 +76,7 @@ def plan_job(cfg, cluster, given: Optional[Dict[str, object]] = None, *, measure
             if kind not in (cluster.links or {}):
                 links.bandwidth[kind], links.latency[kind] = bw, lat
     s = settings or Settings(distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-                             overlap_grad_reduce=cfg.parallel.overlap_grad_reduce)
+                             overlap_grad_reduce=cfg.parallel.overlap_grad_reduce, use_all_devices=not allow_idle)
     c = constraints_from_flags(given or {}, cfg)
     c.layout = layout
     return search(spec, groups, links, cfg.train.global_batch_size, c, s)

@@ -64,6 +64,7 @@ class ModelSpec:
     moe_layer_freq: int = 1
     param_bytes: int = 2
     sequence_parallel: bool = True
+    flash_attention: bool = True  # False: attention scores [b, n, s, s] are materialised (pre-2022 kernels)
 
     @classmethod
     def from_config(cls, cfg, vocab_size: Optional[int] = None) -> "ModelSpec":
@@ -322,7 +323,24 @@ def compute_time(group: GroupSpec, spec: ModelSpec, what: str, mbs: int, tp: int
     flops = head_flops(spec) if what == "head" else layer_flops(spec, what == "moe")
     rate = group.peak_tflops * 1e12 * group.efficiency * tp_efficiency(spec, tp)
     fwd = flops * tokens / tp / rate
+    if what != "head":
+        fwd += tokens * elementwise_bytes_per_token(spec, tp) / group.memory_bandwidth
     return StageTimes(fwd, 2.0 * fwd)
+
+
+def elementwise_bytes_per_token(spec: ModelSpec, tp: int) -> float:
+    """Memory traffic of a layer's non-GEMM forward ops per token (bandwidth-bound, so not in FLOPs).
+
+    Norms, residual adds, bias/activation and dropout read and write about 10 hidden-sized tensors
+    (split by TP only under sequence parallelism) and 3 ffn-sized ones per token; without a fused
+    attention kernel, scale/mask/softmax/dropout pass over the [s] scores of every local head ~5 times.
+    """
+    h_part = spec.hidden / tp if spec.sequence_parallel and tp > 1 else spec.hidden
+    ffn = spec.ffn if not spec.num_experts else spec.topk * spec.moe_ffn + spec.shared_ffn
+    elems = 2 * (10 * h_part + 3 * ffn / tp)
+    if not spec.flash_attention:
+        elems += 5 * spec.heads / tp * spec.seq
+    return elems * spec.param_bytes
 
 
 def tp_efficiency(spec: ModelSpec, tp: int) -> float:

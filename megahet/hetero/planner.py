@@ -55,6 +55,7 @@ class Settings:
     exact_partition_limit: int = 200_000   # p * L^2 above which layers are balanced and repaired instead
     distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
+    use_all_devices: bool = True   # a runnable plan gives every rank of the cluster spec a stage
 
 
 @dataclass
@@ -76,6 +77,9 @@ class Candidate:
     @property
     def pipelines(self) -> int:
         return sum(n for _, n in self.types)
+
+    def devices_used(self) -> int:
+        return sum(n * sum(self.tps) for _, n in self.types)
 
     def describe(self) -> str:
         kinds = " + ".join(f"{n} x [{', '.join(_runs(g))}]" for g, n in self.types)
@@ -316,13 +320,13 @@ def _apportion(units: int, types: List[Tuple[int, float, float]]) -> List[List[i
     for ti, (n, slow, fill) in enumerate(types):
         for i in range(n):
             counts[ti][i] = 1
-            heap.append((fill + slow, ti, i))  # finish time with one more micro-batch
+            heap.append((fill + 2 * slow, ti, i))  # finish time with one more micro-batch
     heapq.heapify(heap)
     for _ in range(units - total):
         _, ti, i = heapq.heappop(heap)
         counts[ti][i] += 1
         _, slow, fill = types[ti]
-        heapq.heappush(heap, (fill + slow * counts[ti][i], ti, i))
+        heapq.heappush(heap, (fill + slow * (counts[ti][i] + 1), ti, i))
     return counts
 
 
@@ -347,14 +351,19 @@ def make_plan(cand: Candidate, costs: _Costs, gbs: int, spec: cm.ModelSpec, v: i
     cand.layers = layers
     types = []
     for stage_groups, n in cand.types:
-        lt = [costs.layer(g, cand.mbs, t, cand.ep, cand.recompute)[0] for g, t in zip(stage_groups, cand.tps)]
-        st = [layers[j] * lt[j] + extra[j] for j in range(p)]
+        lc = [costs.layer(g, cand.mbs, t, cand.ep, cand.recompute) for g, t in zip(stage_groups, cand.tps)]
+        ex = [0.0] * p
+        ex[0] += lc[0][3][0]
+        ex[-1] += lc[-1][3][2]
+        st = [layers[j] * lc[j][0] + ex[j] for j in range(p)]
         slow = max(st)
         types.append((n, slow, sum(st) / v - slow / v))
-    units, step = gbs // cand.mbs, (p if v > 1 else 1)  # interleaving needs multiples of p per pipeline
-    if units % step:
-        raise MegahetError(f"{units} micro-batches do not split into multiples of {p} for interleaving")
-    counts = [[m * step for m in ms] for ms in _apportion(units // step, [(n, s * step, f) for n, s, f in types])]
+    # Interleaving needs multiples of p micro-batches per pipeline; an EP group's pipelines share a count.
+    units, step, ep = gbs // cand.mbs, (p if v > 1 else 1), cand.ep
+    if units % (step * ep) or any(n % ep for n, _, _ in types):
+        raise MegahetError(f"{units} micro-batches do not split into blocks of {step} x EP {ep}")
+    blocks = _apportion(units // (step * ep), [(n // ep, s * step, f) for n, s, f in types])
+    counts = [[m * step for m in ms for _ in range(ep)] for ms in blocks]
     pipelines = []
     for (stage_groups, _), mcounts in zip(cand.types, counts):
         for m in mcounts:
@@ -401,8 +410,11 @@ def search(spec: cm.ModelSpec, groups: Dict[str, cm.GroupSpec], links: cm.Links,
         for counts, p, t in _split_layouts(groups, spec, c, gbs):
             types = [((g,) * p, n) for g, n in counts.items() if n > 0]
             layouts.append(Candidate("split", types, (t,) * p, 0, 1, None))
+    if settings.use_all_devices:
+        world = sum(g.devices for g in groups.values())
+        layouts = [x for x in layouts if x.devices_used() == world]
     if not layouts:
-        raise MegahetError(_no_layout_reason(spec, groups, c, gbs))
+        raise MegahetError(_no_layout_reason(spec, groups, c, gbs, settings.use_all_devices))
     scored: List[Candidate] = []
     least_bad: Optional[Tuple[float, Dict[str, float], Candidate]] = None
     evaluated = 0
@@ -518,11 +530,12 @@ def why_lost(best: Prediction, other: Prediction, cand: Candidate, plan: dict) -
             f"{other.step_time_s:.4g} s/step (+{gap:.1f}%), mostly {reason} (+{parts[reason]:.3g} s)")
 
 
-def _no_layout_reason(spec, groups, c: Constraints, gbs: int) -> str:
+def _no_layout_reason(spec, groups, c: Constraints, gbs: int, all_devices: bool) -> str:
     fixed = ", ".join(f"{k}={v}" for k, v in (("tp", c.tp), ("pp", c.pp), ("dp", c.dp)) if v)
-    return (f"no layout of {sum(g.devices for g in groups.values())} devices fits {spec.num_layers} layers and "
-            f"--global-batch-size {gbs}{' with ' + fixed if fixed else ''}; relax the fixed layout flags or "
-            f"raise --global-batch-size")
+    every = " using every device" if all_devices else ""
+    return (f"no layout of {sum(g.devices for g in groups.values())} devices{every} fits {spec.num_layers} layers "
+            f"and --global-batch-size {gbs}{' with ' + fixed if fixed else ''}; relax the fixed layout flags, raise "
+            f"--global-batch-size{', or allow idle devices (tools/plan.py --allow-idle)' if all_devices else ''}")
 
 
 def _infeasible_reason(least_bad, groups, spec, c: Constraints) -> str:

@@ -236,14 +236,14 @@ def _group_stats(plan, spec, groups, ranges, step, mem_by_group) -> Dict[str, Di
     flops: Dict[str, float] = {}
     used: Dict[str, int] = {}
     p = len(ranges)
+    stage_flops = []  # training FLOPs per token of each stage (the same in every pipeline)
+    for k in range(p):
+        f = sum(3.0 * cm.layer_flops(spec, spec.is_moe(i)) for rng in ranges[k] for i in rng)
+        stage_flops.append(f + (3.0 * cm.head_flops(spec) if k == p - 1 else 0.0))
     for pipe in plan["pipelines"]:
         tokens = pipe["micro_batch_size"] * pipe["micro_batches"] * spec.seq
         for k, s in enumerate(pipe["stages"]):
-            layer_ids = [i for rng in ranges[k] for i in rng]
-            f = sum(3.0 * cm.layer_flops(spec, spec.is_moe(i)) for i in layer_ids)
-            if k == p - 1:
-                f += 3.0 * cm.head_flops(spec)
-            flops[s["group"]] = flops.get(s["group"], 0.0) + f * tokens
+            flops[s["group"]] = flops.get(s["group"], 0.0) + stage_flops[k] * tokens
             used[s["group"]] = used.get(s["group"], 0) + int(s["tensor_parallel"])
     out = {}
     for name, g in groups.items():
