@@ -137,6 +137,7 @@ class CheckpointConfig:
     save_interval: Optional[int] = _f(None, "Save every N steps (and at the end).")
     keep_last: Optional[int] = _f(None, "Keep only the last K checkpoints.")
     finetune: bool = _f(False, "Load weights only; reset optimizer, iteration and data position.")
+    load_fallback: bool = _f(False, "If the newest checkpoint under --load is damaged, load the previous complete one.")
 
 
 @dataclass

@@ -35,11 +35,14 @@ def load_model(checkpoint_dir: str, backend: str = "cpu", dtype: torch.dtype = t
     path = ckpt.find_checkpoint(checkpoint_dir)
     if path is None:
         raise MegahetError(f"no checkpoint found under {checkpoint_dir}; pass a directory written by --save")
+    ctx = single_process_context(backend)
+    problem = ckpt.verify_checkpoint(path, ctx)
+    if problem:
+        raise MegahetError(problem)
     meta = ckpt.read_meta(path)
     cfg = config_from_dict(meta["config"])
     cfg.parallel.tensor_model_parallel_size = cfg.parallel.pipeline_model_parallel_size = 1
     cfg.parallel.expert_model_parallel_size = 1
-    ctx = single_process_context(backend)
     vocab = int(meta["vocab_size"])
     padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, 1)
     model = GPTModel(cfg.model, ctx, layer_ids=range(cfg.model.num_layers), pre_process=True, post_process=True,

@@ -1,38 +1,39 @@
-"""Layout-independent, atomic checkpoints on torch.distributed.checkpoint (DCP).
+"""Sharded, layout-independent, atomic checkpoints (format: megahet.training.checkpoint_format).
 
-What is stored: every parameter and its optimizer state as FULL (unsharded) tensors by global name,
-with vocabulary padding removed, so a checkpoint written under one TP/PP/DP/EP layout loads under any
-other; plus per-rank RNG states and a JSON file (iteration, data position, scheduler, loss scaler,
-model config). Nothing is unpickled on load: tensors come through DCP, the rest is JSON.
+What is stored: each rank writes only the slices it owns, as boxes of the global (unsharded, vocabulary
+padding removed) tensors: `model/<name>` from one replica of every shard, `optim/<name>/<master|exp_avg|
+exp_avg_sq>` from every ZeRO owner (or from one replica without ZeRO), and `rng/rank<r>/torch`. Loading
+reads only the boxes a rank needs, so any TP/PP/DP/EP layout loads any other, and no rank ever holds a
+full tensor it does not own (extra memory: one box at a time). Nothing is unpickled: JSON + safetensors.
 
-Atomicity: ranks write into `iter_XXXXXXX.partial/`; once all are done rank 0 adds `meta.json`, renames
-the directory to `iter_XXXXXXX/` and only then rewrites `latest`. A crash at any point leaves the
-previous checkpoint and `latest` intact; `--load` never sees a half-written checkpoint.
+Atomicity: ranks write into `iter_XXXXXXX.partial/`; once all are done rank 0 merges the index, adds
+`meta.json`, renames the directory to `iter_XXXXXXX/` and only then rewrites `latest`. A crash or a
+failed write at any point leaves the previous checkpoint and `latest` intact.
+
+Integrity: index.json records every file's size and sha256. A load checks them collectively (file i is
+hashed by rank i % world) before reading any tensor; a damaged checkpoint is a one-line error naming
+the file, or, with `fallback`, the previous complete checkpoint is loaded instead.
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
 import shutil
-import warnings
-from typing import Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from megahet.data.cache import atomic_write_bytes, atomic_write_json
 from megahet.errors import MegahetError
 from megahet.parallel.context import ParallelContext
-from megahet.parallel.sharding import full_shape, gather_param_full, shard_param_full
+from megahet.training import checkpoint_format as fmt
+from megahet.training.checkpoint_format import FORMAT, LATEST, META, CheckpointReader  # noqa: F401 (re-exported)
+from megahet.training.checkpoint_layout import Part, global_shape, parts, writes_optimizer_state, writes_weights
 
 log = logging.getLogger("megahet")
 
-FORMAT = "megahet-checkpoint-v1"
-LATEST = "latest"
-META = "meta.json"
-GLOBAL = "__global__"  # pseudo parameter name for optimizer-wide state
+STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -65,32 +66,6 @@ def _params_by_name(model_chunks) -> Dict[str, torch.Tensor]:
     return out
 
 
-def _vocab_trim(full: torch.Tensor, p, vocab_size: int) -> torch.Tensor:
-    dim = getattr(p, "vocab_dim", None)
-    return full.narrow(dim, 0, vocab_size) if dim is not None else full
-
-
-def _vocab_pad(saved: torch.Tensor, p, padded_size: int) -> torch.Tensor:
-    dim = getattr(p, "vocab_dim", None)
-    if dim is None or saved.shape[dim] == padded_size:
-        return saved
-    shape = list(saved.shape)
-    shape[dim] = padded_size - saved.shape[dim]
-    return torch.cat([saved, torch.zeros(shape, dtype=saved.dtype)], dim=dim)
-
-
-def _dcp_group(ctx: ParallelContext):
-    return ctx.world_group.pg if ctx.world_size > 1 else None
-
-
-@contextlib.contextmanager
-def _quiet_single_process():
-    """DCP warns that it 'assumes' one process when torch.distributed is not initialised: we mean it."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
-
-
 def _is_finite(model_chunks, ctx: ParallelContext) -> bool:
     # One flag per parameter, stacked: a single host sync instead of one per parameter.
     flags = [(~torch.isfinite(p.detach())).any() for chunk in model_chunks for p in chunk.parameters()]
@@ -99,58 +74,159 @@ def _is_finite(model_chunks, ctx: ParallelContext) -> bool:
     return bad.item() == 0
 
 
-def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, ctx: ParallelContext, *,
-                    vocab_size: int, meta: dict, keep_last: Optional[int] = None) -> str:
-    """Write checkpoint `iteration` under `root` (every rank calls this). Returns its directory."""
+# ---------------------------------------------------------------------- saving
+@dataclass
+class _Item:
+    """One stored box: `source` is the rank's flat data it is a view of (a param or an optimizer piece)."""
+    name: str
+    gshape: Tuple[int, ...]
+    part: Part
+    source: torch.Tensor
+
+    def tensor(self) -> torch.Tensor:
+        return self.part.view(self.source)  # [*part.sizes]
+
+
+def _items(model_chunks, optimizer, ctx: ParallelContext, vocab_size: int) -> List[_Item]:
+    """Everything this rank stores: its owned boxes of weights, optimizer pieces and its RNG state."""
+    out: List[_Item] = []
+    for name, p in _params_by_name(model_chunks).items():
+        if writes_weights(p, ctx):
+            flat = p.detach().reshape(-1)
+            out += [_Item(f"model/{name}", global_shape(p, ctx, vocab_size), pt, flat) for pt in parts(p, ctx, vocab_size)]
+    if optimizer is not None:
+        sharded = getattr(optimizer, "sharded_over_dp", False)
+        for p, lo, hi, state in optimizer.owned_state():
+            if not writes_optimizer_state(p, ctx, sharded):
+                continue
+            shape, pieces = global_shape(p, ctx, vocab_size), parts(p, ctx, vocab_size, lo, hi)
+            for key in STATE_KEYS:
+                out += [_Item(f"optim/{p.global_name}/{key}", shape, pt, state[key].detach()) for pt in pieces]
+    rng = ctx.backend.get_rng_state().cpu().reshape(-1)
+    out.append(_Item(f"rng/rank{ctx.rank}/torch", tuple(rng.shape), Part(0, tuple(rng.shape), (0,), tuple(rng.shape), (0,)),
+                     rng))
+    return out
+
+
+def _write_rank_file(partial: str, rank: int, items: List[Tuple[_Item, torch.Tensor]], opener=open) -> None:
+    """Write this rank's safetensors file and sidecar. `items` pairs each item with the tensor to store."""
+    specs, entries = [], []
+    for i, (it, t) in enumerate(items):
+        key = f"{it.name}@{i}"
+        specs.append((key, t.dtype, tuple(t.shape)))
+        entries.append({"name": it.name, "shape": list(it.gshape), "dtype": fmt.dtype_name(t.dtype), "key": key,
+                        "offsets": list(it.part.global_offsets), "sizes": list(it.part.sizes)})
+    info = None
+    if specs:
+        writer = fmt.ShardFileWriter(os.path.join(partial, fmt.rank_file(rank)), specs, opener=opener)
+        try:
+            for (key, _, _), (_, t) in zip(specs, items):
+                writer.write(key, t)
+            info = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+    fmt.write_sidecar(partial, rank, info, entries)
+
+
+@dataclass
+class PendingSave:
+    """A save whose rank files are (being) written; `finish_save` makes it a checkpoint."""
+    root: str
+    iteration: int
+    meta: dict
+    keep_last: Optional[int]
+    error: List[BaseException] = field(default_factory=list)  # filled by the writer (thread or inline)
+
+    @property
+    def partial(self) -> str:
+        return iteration_dir(self.root, self.iteration) + ".partial"
+
+
+def begin_save(root: str, iteration: int, model_chunks, optimizer, ctx: ParallelContext, *, vocab_size: int,
+               meta: dict, keep_last: Optional[int] = None) -> Tuple[PendingSave, List[_Item]]:
+    """Collective part before writing: refuse NaN weights, prepare `.partial`, list this rank's boxes."""
     if not _is_finite(model_chunks, ctx):
         raise MegahetError(f"refusing to save iteration {iteration}: parameters contain NaN/Inf; "
                            f"lower --lr or enable --clip-grad, and resume from the last good checkpoint")
-    final = iteration_dir(root, iteration)
-    partial = final + ".partial"
+    pending = PendingSave(root, iteration, dict(meta, optimizer_steps=getattr(optimizer, "num_steps", 0)), keep_last)
+    ok = torch.ones(1)
     if ctx.rank == 0:
-        check_writable(root)
-        shutil.rmtree(partial, ignore_errors=True)  # debris of an interrupted save
-    ctx.world_group.barrier()
+        try:
+            check_writable(root)
+            shutil.rmtree(pending.partial, ignore_errors=True)  # debris of an interrupted save
+            os.makedirs(pending.partial)
+        except (OSError, MegahetError) as exc:
+            ok.zero_()
+            pending.error.append(exc)
+    ctx.world_group.all_reduce(ok, op="min")  # also the barrier: .partial exists before anyone writes
+    if ok.item() == 0:
+        raise MegahetError(f"cannot create checkpoint directory {pending.partial} "
+                           f"({pending.error[0] if pending.error else 'see rank 0'}); pass a writable --save DIR")
+    return pending, _items(model_chunks, optimizer, ctx, vocab_size)
 
-    state: Dict[str, torch.Tensor] = {}
-    params = _params_by_name(model_chunks)
-    for name, p in params.items():
-        state[f"model/{name}"] = _vocab_trim(gather_param_full(p.detach(), p, ctx), p, vocab_size).cpu()
-    if optimizer is not None:
-        for name, entry in optimizer.state_by_name().items():
-            if isinstance(entry, torch.Tensor):  # optimizer-wide scalars (e.g. the step count)
-                name, entry = GLOBAL, {name: entry}
-            p = params.get(name)
-            for key, t in entry.items():
-                t = t.detach()
-                if p is not None and t.dim() > 0:
-                    t = _vocab_trim(t, p, vocab_size)
-                state[f"optim/{name}/{key}"] = t.cpu()
-    state[f"rng/rank{ctx.rank}/torch"] = ctx.backend.get_rng_state().cpu()
-    with _quiet_single_process():
-        dcp.save(state, checkpoint_id=partial, process_group=_dcp_group(ctx))
-    ctx.world_group.barrier()
+
+def write_items(pending: PendingSave, rank: int, items: List[Tuple[_Item, torch.Tensor]], opener=open) -> None:
+    """Write this rank's file; an OSError is recorded for `finish_save` (never raised half-way)."""
+    try:
+        _write_rank_file(pending.partial, rank, items, opener=opener)
+    except OSError as exc:
+        pending.error.append(exc)
+
+
+def finish_save(pending: PendingSave, ctx: ParallelContext, vocab_size: int) -> str:
+    """Collective: agree that every rank wrote, then rank 0 publishes the checkpoint atomically."""
+    errnos = torch.zeros(ctx.world_size)
+    if pending.error:
+        exc = pending.error[0]
+        errnos[ctx.rank] = float(getattr(exc, "errno", None) or -1)
+    ctx.world_group.all_reduce(errnos)  # one collective tells every rank which ranks failed, and why
+    failed = [(r, int(e)) for r, e in enumerate(errnos.tolist()) if e != 0]
+    final = iteration_dir(pending.root, pending.iteration)
+    if not failed and ctx.rank == 0:
+        try:
+            fmt.merge_index(pending.partial, ctx.world_size)
+            full_meta = dict(pending.meta, format=FORMAT, iteration=pending.iteration, world_size=ctx.world_size,
+                             layout=dict(tp=ctx.tp, pp=ctx.pp, dp=ctx.dp, ep=ctx.ep), vocab_size=vocab_size)
+            atomic_write_json(os.path.join(pending.partial, META), full_meta)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(pending.partial, final)
+            atomic_write_bytes(os.path.join(pending.root, LATEST), os.path.basename(final).encode())
+        except OSError as exc:
+            failed = [(0, exc.errno or -1)]
+    flag = torch.tensor([float(failed[0][0] + 1) if failed else 0.0, float(failed[0][1]) if failed else 0.0])
+    ctx.world_group.all_reduce(flag, op="max")  # rank 0's publish step may fail too
+    if flag[0].item() or failed:
+        rank, errno = failed[0] if failed else (int(flag[0].item()) - 1, int(flag[1].item()))
+        if ctx.rank == 0:
+            shutil.rmtree(pending.partial, ignore_errors=True)
+        why = os.strerror(errno) if errno > 0 else "write failed"
+        raise MegahetError(f"saving checkpoint iteration {pending.iteration} failed on rank {rank}: {why} "
+                           f"(under {pending.root}); nothing was published and the previous checkpoint is intact: "
+                           f"free space or fix --save, then resume")
     if ctx.rank == 0:
-        full_meta = dict(meta, format=FORMAT, iteration=iteration, world_size=ctx.world_size,
-                         layout=dict(tp=ctx.tp, pp=ctx.pp, dp=ctx.dp, ep=ctx.ep), vocab_size=vocab_size)
-        atomic_write_json(os.path.join(partial, META), full_meta)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        atomic_write_bytes(os.path.join(root, LATEST), os.path.basename(final).encode())
-        if keep_last:
-            _prune(root, keep_last)
+        if pending.keep_last:
+            _prune(pending.root, pending.keep_last)
         log.info("saved checkpoint %s", final)
-    ctx.world_group.barrier()
     return final
 
 
+def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, ctx: ParallelContext, *,
+                    vocab_size: int, meta: dict, keep_last: Optional[int] = None, opener=open) -> str:
+    """Write checkpoint `iteration` under `root` (every rank calls this). Returns its directory.
+
+    Each box goes from the device to the file one at a time: extra memory is the largest box.
+    `opener` replaces `open` for the data file (fault-injection tests).
+    """
+    pending, items = begin_save(root, iteration, model_chunks, optimizer, ctx, vocab_size=vocab_size,
+                                meta=meta, keep_last=keep_last)
+    write_items(pending, ctx.rank, [(it, it.tensor()) for it in items], opener=opener)
+    return finish_save(pending, ctx, vocab_size)
+
+
 def list_checkpoints(root: str) -> List[str]:
-    if not os.path.isdir(root):
-        return []
-    names = [n for n in os.listdir(root) if n.startswith("iter_") and not n.endswith(".partial")
-             and os.path.exists(os.path.join(root, n, META))]
-    return sorted(names)
+    return fmt.complete_checkpoints(root)
 
 
 def _prune(root: str, keep_last: int) -> None:
@@ -160,95 +236,130 @@ def _prune(root: str, keep_last: int) -> None:
 
 def find_checkpoint(root: str) -> Optional[str]:
     """The latest complete checkpoint directory under `root` (or `root` itself if it is one)."""
-    if os.path.exists(os.path.join(root, META)):
-        return root
-    pointer = os.path.join(root, LATEST)
-    if os.path.exists(pointer):
-        with open(pointer) as fh:
-            path = os.path.join(root, fh.read().strip())
-        if os.path.exists(os.path.join(path, META)):
-            return path
-    found = list_checkpoints(root)
-    return os.path.join(root, found[-1]) if found else None
+    return fmt.find_checkpoint_dir(root)
 
 
 def read_meta(path: str) -> dict:
-    try:
-        with open(os.path.join(path, META)) as fh:
-            meta = json.load(fh)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MegahetError(f"checkpoint {path} has no readable {META} ({exc}); point --load at a complete checkpoint") from None
+    meta = fmt.read_json(os.path.join(path, META), "meta")
     if meta.get("format") != FORMAT:
-        raise MegahetError(f"{path} is not a megahet checkpoint (format {meta.get('format')!r}); check --load")
+        raise MegahetError(f"{path} is not a {FORMAT} checkpoint (format {meta.get('format')!r}); older megahet "
+                           f"checkpoints kept pickled metadata and are not loaded: re-save with this version")
     return meta
 
 
-def _saved_tensors(path: str) -> Dict[str, tuple]:
-    """{key: (shape, dtype)} of every tensor in a checkpoint, read from DCP's metadata only."""
-    md = dcp.FileSystemReader(path).read_metadata()
-    return {k: (tuple(v.size), v.properties.dtype) for k, v in md.state_dict_metadata.items() if hasattr(v, "size")}
+# ---------------------------------------------------------------------- loading
+def verify_checkpoint(path: str, ctx: ParallelContext) -> Optional[str]:
+    """Collective integrity check of checkpoint `path`: None when sound, else a one-line reason (the same
+    on every rank). Each data file is hashed by one rank only (file i by rank i % world)."""
+    problem = None
+    files: List[Tuple[str, dict]] = []
+    try:
+        CheckpointReader(path, verify=False)  # meta + index readable, right format
+        files = sorted(fmt.read_json(os.path.join(path, fmt.INDEX), "index")["files"].items())
+    except MegahetError as exc:
+        problem = str(exc)
+    head = torch.tensor([1.0 if problem else 0.0, float(len(files))])
+    ctx.world_group.all_reduce(head, op="max")
+    if head[0].item():
+        return problem or f"checkpoint {path} has an unreadable meta.json or index.json on some rank"
+    bad = torch.zeros(len(files))
+    for i, (name, info) in enumerate(files):
+        if i % ctx.world_size == ctx.rank:
+            try:
+                fmt.check_file(path, name, info, checksum=True)
+            except MegahetError:
+                bad[i] = 1.0
+    ctx.world_group.all_reduce(bad, op="max")
+    for i, (name, info) in enumerate(files):
+        if bad[i].item():
+            try:
+                fmt.check_file(path, name, info, checksum=True)  # every rank builds the same message
+            except MegahetError as exc:
+                return str(exc)
+            return f"checkpoint file {os.path.join(path, name)} fails its checks on rank {i % ctx.world_size}"
+    return None
+
+
+def _candidates(root: str) -> List[str]:
+    """The checkpoint to load first (`latest`), then older complete ones, newest first."""
+    first = fmt.find_checkpoint_dir(root)
+    if first is None:
+        return []
+    if os.path.abspath(first) == os.path.abspath(root):
+        return [first]
+    older = [os.path.join(root, n) for n in reversed(fmt.complete_checkpoints(root))]
+    return [first] + [p for p in older if os.path.abspath(p) != os.path.abspath(first)]
 
 
 def load_checkpoint(root: str, model_chunks, optimizer, ctx: ParallelContext, *, vocab_size: int,
-                    load_optimizer: bool = True) -> Optional[dict]:
+                    load_optimizer: bool = True, fallback: bool = False) -> Optional[dict]:
     """Load the latest complete checkpoint under `root` into this rank's layout. Returns its meta
-    (None when `root` holds no checkpoint yet)."""
-    path = find_checkpoint(root)
-    if path is None:
-        return None
-    return load_checkpoint_at(path, read_meta(path), model_chunks, optimizer, ctx, vocab_size=vocab_size,
-                              load_optimizer=load_optimizer)
+    (None when `root` holds no checkpoint yet).
+
+    A damaged checkpoint (missing, truncated or corrupt file) raises a one-line MegahetError naming the
+    file; with `fallback` the previous complete checkpoint is tried instead (and so on).
+    """
+    candidates = _candidates(root)
+    for i, path in enumerate(candidates):
+        problem = verify_checkpoint(path, ctx)
+        if problem is None:
+            return load_checkpoint_at(path, read_meta(path), model_chunks, optimizer, ctx, vocab_size=vocab_size,
+                                      load_optimizer=load_optimizer)
+        older = candidates[i + 1] if i + 1 < len(candidates) else None
+        if fallback and older:
+            log.warning("%s; falling back to %s", problem, older)
+            continue
+        hint = (f" (pass --load-fallback to resume from the previous checkpoint {os.path.basename(older)})"
+                if older and not fallback else "")
+        raise MegahetError(problem + hint)
+    return None
 
 
+def _read_parts(reader: CheckpointReader, name: str, flat: torch.Tensor, pieces: List[Part]) -> None:
+    for pt in pieces:
+        reader.read_slice(name, pt.global_offsets, pt.sizes, out=pt.view(flat))
+
+
+def _check_shape(reader: CheckpointReader, key: str, name: str, want: Tuple[int, ...]) -> None:
+    if not reader.has(key):
+        raise MegahetError(f"checkpoint {reader.path} has no parameter {name}: it was saved from a different model; "
+                           f"use the model flags it was trained with (see its {META})")
+    if reader.shape(key) != tuple(want):
+        raise MegahetError(f"checkpoint {reader.path} holds {name} with shape {list(reader.shape(key))} but this model "
+                           f"needs {list(want)}: it is from a different model shape; match --num-layers/--hidden-size/... to it")
+
+
+@torch.no_grad()
 def load_checkpoint_at(path: str, meta: dict, model_chunks, optimizer, ctx: ParallelContext, *, vocab_size: int,
                        load_optimizer: bool = True) -> dict:
-    """Load the checkpoint directory `path` whose meta.json the caller has already read."""
-    saved = _saved_tensors(path)
-    shapes = {k: v[0] for k, v in saved.items()}
+    """Load the (verified) checkpoint directory `path` whose meta.json the caller has already read."""
+    reader = CheckpointReader(path, verify=False)
     params = _params_by_name(model_chunks)
-    state: Dict[str, torch.Tensor] = {}
     for name, p in params.items():
-        key = f"model/{name}"
-        want = list(full_shape(p, ctx.tp, ctx.ep))
+        _check_shape(reader, f"model/{name}", name, global_shape(p, ctx, vocab_size))
+    for name, p in params.items():
+        flat = p.detach().view(-1)  # the param's own storage: boxes are read straight into it
         if getattr(p, "vocab_dim", None) is not None:
-            want[p.vocab_dim] = vocab_size
-        if key not in shapes:
-            raise MegahetError(f"checkpoint {path} has no parameter {name}: it was saved from a different model; "
-                               f"use the model flags it was trained with (see its {META})")
-        if shapes[key] != tuple(want):
-            raise MegahetError(f"checkpoint {path} holds {name} with shape {list(shapes[key])} but this model needs "
-                               f"{want}: it is from a different model shape; match --num-layers/--hidden-size/... to it")
-        state[key] = torch.empty(shapes[key], dtype=saved[key][1])
-    opt_keys = []
-    if optimizer is not None and load_optimizer:
-        owners = set(params) | {GLOBAL}
-        opt_keys = [k for k in shapes if k.startswith("optim/") and k[len("optim/"):].rsplit("/", 1)[0] in owners]
-        for k in opt_keys:
-            state[k] = torch.empty(shapes[k], dtype=saved[k][1])
-    rng_key = f"rng/rank{ctx.rank}/torch"
-    restore_rng = meta.get("world_size") == ctx.world_size and rng_key in shapes
-    if restore_rng:
-        state[rng_key] = torch.empty(shapes[rng_key], dtype=torch.uint8)
-    with _quiet_single_process():
-        dcp.load(state, checkpoint_id=path, process_group=_dcp_group(ctx))
-    with torch.no_grad():
+            flat.zero_()  # vocabulary padding rows are not stored
+        _read_parts(reader, f"model/{name}", flat, parts(p, ctx, vocab_size))
+    if meta.get("model_only") and optimizer is not None and load_optimizer:
+        log.info("%s holds weights only: the optimizer starts fresh from them", path)
+        optimizer.reload_model_params()
+    elif optimizer is not None and load_optimizer:
+        def read_piece(p, lo, hi) -> Dict[str, torch.Tensor]:
+            out = {}
+            for key in STATE_KEYS:
+                flat = torch.zeros(hi - lo, dtype=torch.float32, device=p.device)  # [hi - lo]
+                _read_parts(reader, f"optim/{p.global_name}/{key}", flat, parts(p, ctx, vocab_size, lo, hi))
+                out[key] = flat
+            return out
         for name, p in params.items():
-            full = state[f"model/{name}"]
-            if getattr(p, "vocab_dim", None) is not None:
-                full = _vocab_pad(full, p, full_shape(p, ctx.tp, ctx.ep)[p.vocab_dim])
-            p.copy_(shard_param_full(full, p, ctx).to(p.device, p.dtype))
-    if opt_keys:
-        by_name: Dict[str, Dict[str, torch.Tensor]] = {}
-        for k in opt_keys:
-            name, sub = k[len("optim/"):].rsplit("/", 1)
-            t = state[k]
-            p = params.get(name)
-            if p is not None and t.dim() > 0 and getattr(p, "vocab_dim", None) is not None:
-                t = _vocab_pad(t, p, full_shape(p, ctx.tp, ctx.ep)[p.vocab_dim])
-            by_name.setdefault(name, {})[sub] = t
-        flat = by_name.pop(GLOBAL, {})
-        optimizer.load_state_by_name({**by_name, **flat})
-    if restore_rng:
-        ctx.backend.set_rng_state(state[rng_key])
+            if isinstance(p, torch.nn.Parameter) and p.requires_grad:
+                _check_shape(reader, f"optim/{name}/master", name, global_shape(p, ctx, vocab_size))
+        optimizer.load_owned_state(read_piece, int(meta.get("optimizer_steps", 0)))
+    rng_key = f"rng/rank{ctx.rank}/torch"
+    if meta.get("world_size") == ctx.world_size and reader.has(rng_key):
+        ctx.backend.set_rng_state(reader.read(rng_key))
+    reader.close()
     log.info("loaded checkpoint %s (iteration %s)", path, meta.get("iteration"))
     return meta

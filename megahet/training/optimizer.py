@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -194,6 +194,21 @@ class MixedPrecisionOptimizer:
         return StepResult(ok=True, grad_norm=norm, found_inf=False)
 
     # ------------------------------------------------------------------ checkpoints
+    def owned_state(self) -> Iterator[Tuple[nn.Parameter, int, int, Dict[str, torch.Tensor]]]:
+        """(param, lo, hi, {state key: flat fp32 [hi - lo]}) of every piece this rank optimises: elements
+        [lo, hi) of the flattened local param. No collective; sharded checkpoints store exactly these."""
+        for pc in self.pieces:
+            yield pc.param, pc.lo, pc.hi, {k: self._state_of(pc, k).reshape(-1) for k in STATE_KEYS}
+
+    @torch.no_grad()
+    def load_owned_state(self, read_piece: Callable, num_steps: int) -> None:
+        """Inverse of `owned_state`: `read_piece(param, lo, hi) -> {key: flat fp32 [hi - lo]}` is called one
+        piece at a time (bounded memory). The params are not touched: checkpoints load them directly
+        (they equal the masters cast to the param dtype)."""
+        self.num_steps = int(num_steps)
+        for pc in self.pieces:
+            self._set_piece_state(pc, read_piece(pc.param, pc.lo, pc.hi))
+
     @torch.no_grad()
     def state_by_name(self) -> Dict[str, Dict[str, torch.Tensor]]:
         """Full fp32 master and Adam state of every param this rank holds, keyed by global name.

@@ -227,10 +227,12 @@ def resume(cfg, ctx, chunks, optimizer, scheduler, scaler, state: TrainState, vo
     if not os.path.isdir(cfg.checkpoint.load):
         raise MegahetError(f"--load {cfg.checkpoint.load} does not exist; pass a checkpoint directory written by --save")
     meta = ckpt.load_checkpoint(cfg.checkpoint.load, chunks, optimizer, ctx, vocab_size=vocab_size,
-                                load_optimizer=not finetune)
+                                load_optimizer=not finetune, fallback=cfg.checkpoint.load_fallback)
     if meta is None:
         log.info("no checkpoint under %s yet; starting from scratch", cfg.checkpoint.load)
         return None
+    if meta.get("model_only"):
+        return meta  # weights only (e.g. converted from Hugging Face): schedule and data start fresh
     if finetune:
         optimizer.reload_model_params()  # masters were built before the weights were loaded
     else:

@@ -1,0 +1,115 @@
+"""Rank functions for the sharded-checkpoint tests: memory while saving/loading, pickle-free resume."""
+import ctypes
+import gc
+import os
+import pickle
+import threading
+import time
+
+import torch
+
+from megahet.config import build_config
+from megahet.training import checkpoint as ckpt
+from megahet.training.model_builder import build_model_chunks
+from megahet.training.optimizer_setup import build_optimizer
+from megahet.training.loss_scaler import build_loss_scaler
+from megahet.training.pretrain import build_context
+from tests.distributed.train_cases import train
+
+MEM_MODEL = dict(num_layers=4, hidden_size=256, ffn_hidden_size=1024, num_attention_heads=4, num_query_groups=4,
+                 seq_length=16, mock_data=True, micro_batch_size=1, global_batch_size=8, lr=1e-3,
+                 make_vocab_size_divisible_by=128, seed=3, distributed_timeout_s=60, train_iters=1)
+VOCAB = 2000
+
+
+def rss_anon() -> int:
+    """Anonymous resident memory (bytes): what the process allocated, not file pages it mapped."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+class PeakSampler:
+    """Samples RssAnon every 0.5 ms in a thread; `peak` is the highest value seen."""
+
+    def __enter__(self):
+        self.peak, self._stop = rss_anon(), False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop:
+            self.peak = max(self.peak, rss_anon())
+            time.sleep(0.0005)
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._thread.join()
+        self.peak = max(self.peak, rss_anon())
+
+
+def exact_malloc_accounting() -> None:
+    """Make glibc return every large block at free (fixed mmap threshold), so RssAnon follows the live
+    allocations instead of heap high-water marks."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: blocks >= 64 KiB get their own mapping
+    libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD: give freed heap tops back at once
+
+
+def _build(over):
+    cfg = build_config(overrides={**MEM_MODEL, **over})
+    ctx = build_context(cfg)
+    padded = ((VOCAB + 128 * ctx.tp - 1) // (128 * ctx.tp)) * 128 * ctx.tp
+    chunks = build_model_chunks(cfg, ctx, VOCAB, padded)
+    ddp, opt = build_optimizer(cfg, ctx, chunks, build_loss_scaler(False, None, 2 ** 16))
+    return cfg, ctx, chunks, ddp, opt
+
+
+def measure_save_load(root: str, over: dict):
+    """Save and load a ~5M-parameter model with real Adam state; report the extra memory of each and
+    what bounds it (the largest stored box) against what this rank holds."""
+    exact_malloc_accounting()
+    cfg, ctx, chunks, ddp, opt = _build(over)
+    gen = torch.Generator().manual_seed(0)  # the same grads on every rank, as after a real all-reduce
+    for buf in ddp.buffers:
+        buf.data.copy_(torch.randn(buf.data.shape, generator=gen) * 1e-3)
+    opt.step()
+    held = sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
+    held += sum(sum(t.numel() * 4 for t in st.values()) for _, _, _, st in opt.owned_state())
+    items = ckpt._items(chunks, opt, ctx, VOCAB)
+    largest = max(it.part.sizes and torch.Size(it.part.sizes).numel() * it.source.element_size() for it in items)
+    gc.collect()
+    before = rss_anon()
+    with PeakSampler() as s:
+        path = ckpt.save_checkpoint(root, 1, chunks, opt, ctx, vocab_size=VOCAB, meta={"config": cfg.to_dict()})
+    save_extra = s.peak - before
+    weights = {n: p.detach().clone() for c in chunks for n, p in c.named_parameters()}
+    for c in chunks:
+        for p in c.parameters():
+            p.data.zero_()
+    del items
+    gc.collect()
+    before = rss_anon()
+    with PeakSampler() as s:
+        ckpt.load_checkpoint(root, chunks, opt, ctx, vocab_size=VOCAB)
+    load_extra = s.peak - before
+    def real(t, p):  # vocabulary padding rows are not stored
+        dim = getattr(p, "vocab_dim", None)
+        return t if dim is None else t.narrow(dim, 0, max(0, min(t.shape[dim], VOCAB - ctx.tp_rank * t.shape[dim])))
+    same = all(torch.equal(real(weights[n], p), real(p, p)) for c in chunks for n, p in c.named_parameters())
+    files = {f: os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors")}
+    return dict(save_extra=save_extra, load_extra=load_extra, held=held, largest=largest, same=same, files=files)
+
+
+def _no_unpickling(*args, **kwargs):
+    raise AssertionError("something was unpickled")
+
+
+def train_without_pickle(over: dict):
+    """pretrain() with every unpickling entry point disabled (resume must not need one)."""
+    pickle.load = pickle.loads = _no_unpickling
+    torch.load = _no_unpickling
+    return train(over)
