@@ -101,6 +101,11 @@ class TrainConfig:
     adam_beta2: float = _f(0.95, "Adam beta2.")
     adam_eps: float = _f(1e-8, "Adam epsilon.")
     clip_grad: float = _f(1.0, "Clip the global gradient norm to this (0: off).")
+    optimizer_implementation: str = _f("auto", "AdamW kernel: auto (fused where the device has it, else foreach), "
+                                       "fused, foreach or for-loop.", choices=["auto", "fused", "foreach", "for-loop"])
+    gradient_accumulation_fusion: bool = _f(True, "Linear layers write weight gradients straight into the fp32 "
+                                            "gradient buffer (Megatron); --no-gradient-accumulation-fusion: via .grad.")
+    compile: bool = _f(False, "torch.compile each transformer layer (where the backend supports it).")
     bf16: bool = _f(False, "bf16 parameters and compute with fp32 master weights.")
     fp16: bool = _f(False, "fp16 parameters and compute with dynamic loss scaling.")
     loss_scale: Optional[float] = _f(None, "Constant loss scale for fp16 (default dynamic).")

@@ -1,8 +1,12 @@
 """Data parallelism: contiguous fp32 gradient buffers reduced in buckets, optionally during backward.
 
 Every trainable parameter gets `param.main_grad`, an fp32 view into a flat buffer of its model chunk.
-A post-accumulate-grad hook adds each micro-batch's `param.grad` (any dtype) into it and frees
-`param.grad`, so gradients accumulate in fp32 whatever the parameter dtype.
+Linear and embedding layers write their weight gradients into it directly (gradient-accumulation
+fusion, `grad_accumulation.py`); for the other params a post-accumulate-grad hook adds each
+micro-batch's `param.grad` (any dtype) into it and frees `param.grad`, so gradients accumulate in
+fp32 whatever the parameter dtype. A step starts with `start_grad_accumulation`, which zeroes
+nothing: each param's first write of the step overwrites, and `finish_grad_sync` zeroes only the
+params that received no gradient at all.
 
 Buckets are SUMMED over the data-parallel group (all-reduce; or reduce-scatter into this rank's shard
 for the distributed optimizer), never averaged: every micro-batch's loss is already divided by the
@@ -24,6 +28,7 @@ from torch import nn
 
 from megahet.errors import MegahetError
 from megahet.parallel.comm import CommGroup, Work
+from megahet.parallel.grad_accumulation import MainGradState, add_to_main_grad
 from megahet.parallel.grad_sync import allreduce_embedding_grads, allreduce_sequence_parallel_grads
 
 log = logging.getLogger("megahet")
@@ -160,10 +165,12 @@ class DataParallel:
         overlap_grad_reduce: launch a bucket's reduction as soon as backward has produced all of its
             grads (only while grad sync is enabled: the schedule enables it for the last micro-batch).
         use_distributed_optimizer: reduce-scatter (each rank keeps its shard) instead of all-reduce.
+        gradient_accumulation_fusion: let layers write weight gradients into main_grad directly.
     """
 
     def __init__(self, model_chunks: Sequence[nn.Module], ctx, *, bucket_size: int = 4_000_000,
-                 overlap_grad_reduce: bool = False, use_distributed_optimizer: bool = False):
+                 overlap_grad_reduce: bool = False, use_distributed_optimizer: bool = False,
+                 gradient_accumulation_fusion: bool = True):
         if int(bucket_size) < 1:
             raise MegahetError(f"--ddp-bucket-size {bucket_size} must be >= 1 (elements per gradient bucket)")
         self.ctx = ctx
@@ -190,6 +197,8 @@ class DataParallel:
                                                    self.use_distributed_optimizer, ctx.device))
         self._buffer_of: Dict[int, GradBuffer] = {id(p): b for b in self.buffers for p in b.params}
         self.params: List[nn.Parameter] = [p for b in self.buffers for p in b.params]
+        for p in self.params:
+            p.main_grad_state = MainGradState(fuse=bool(gradient_accumulation_fusion))
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
         log.debug("data parallel: %d buffers, %d buckets, %d grad elements", len(self.buffers),
                   sum(len(b.buckets) for b in self.buffers), sum(b.numel for b in self.buffers))
@@ -202,7 +211,11 @@ class DataParallel:
             if bucket.launched:
                 raise RuntimeError(f"gradient of {getattr(param, 'global_name', '?')} arrived after its bucket "
                                    f"was reduced: disable grad sync for all but the last micro-batch")
-            param.main_grad.add_(param.grad)  # fp32 += grad (any dtype)
+            state = param.main_grad_state
+            if state.dummy:  # the layer's backward already wrote main_grad; .grad is a placeholder
+                state.dummy = False
+            else:
+                add_to_main_grad(param, param.grad)  # fp32 (+)= grad (any dtype)
             param.grad = None
         if self.overlap_grad_reduce and self._sync_enabled[buffer.chunk_index]:
             bucket.ready.add(id(param))
@@ -225,6 +238,25 @@ class DataParallel:
             buffer.data.zero_()
         for p in self.params:
             p.grad = None
+            p.main_grad_state.overwrite = p.main_grad_state.dummy = False
+
+    def start_grad_accumulation(self) -> None:
+        """Begin a step's gradients without zeroing: each param's first write overwrites its main_grad.
+
+        What zero_grad gives, without a pass over the buffers (Megatron zeroes them every step).
+        """
+        for buffer in self.buffers:
+            buffer.reset()
+        for p in self.params:
+            p.grad = None
+            p.main_grad_state.overwrite, p.main_grad_state.dummy = True, False
+
+    def _zero_unwritten(self) -> None:
+        """Params that got no gradient this step (e.g. an unused layer) hold last step's: zero them."""
+        for p in self.params:
+            if p.main_grad_state.overwrite:
+                p.main_grad.zero_()
+                p.main_grad_state.overwrite = False
 
     def finish_grad_sync(self) -> None:
         """Complete the step's gradient reductions; afterwards main_grad holds the summed gradient.
@@ -233,6 +265,7 @@ class DataParallel:
         the buffer keeps local partial sums). Then, as in Megatron, sequence-parallel params are summed
         over TP and the tied embedding over the embedding group, on the main grads.
         """
+        self._zero_unwritten()
         for buffer in self.buffers:
             buffer.finish(self.use_distributed_optimizer)
         allreduce_sequence_parallel_grads(self.params, self.ctx.tp_group)

@@ -8,10 +8,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megahet.parallel import collectives as C
+from megahet.parallel import grad_accumulation as GA
 from megahet.parallel.comm import CommGroup
 from megahet.parallel.init import init_full_normal
 from megahet.parallel.sharding import set_tp_attributes, shard_tensor
@@ -64,7 +64,9 @@ class ColumnParallelLinear(nn.Module):
             x = C.gather_from_sequence_parallel_region(x, self.group)  # [s/tp,b,h] -> [s,b,h]
         else:
             x = C.copy_to_tensor_parallel_region(x, self.group)  # backward sums the TP ranks' input grads
-        y = F.linear(x, w, self.bias)  # [s, b, out/tp]
+        # The weight gradient goes straight into main_grad (gradient-accumulation fusion); a weight
+        # passed in belongs to another layer (tied embedding), whose backward fires its hook.
+        y = GA.linear(x, w, self.bias, owner=weight is None)  # [s, b, out/tp]
         if self.gather_output:
             y = C.gather_from_tensor_parallel_region(y, self.group)  # [s, b, out]
         return y
@@ -91,7 +93,7 @@ class RowParallelLinear(nn.Module):
             self.bias.sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)  # [s, b, h] partial sum over this rank's input slice
+        y = GA.linear(x, self.weight)  # [s, b, h] partial sum over this rank's input slice
         if self.sequence_parallel:
             y = C.reduce_scatter_to_sequence_parallel_region(y, self.group)  # [s/tp, b, h]
         else:
@@ -124,10 +126,10 @@ class VocabParallelEmbedding(nn.Module):
         if self.group.size > 1:
             outside = (ids < self.vocab_start) | (ids >= self.vocab_start + self.per_partition)
             local = (ids - self.vocab_start).masked_fill(outside, 0)
-            emb = F.embedding(local, self.weight)  # [s, b, h]
+            emb = GA.embedding(local, self.weight)  # [s, b, h]
             emb = emb.masked_fill(outside.unsqueeze(-1), 0.0)
         else:
-            emb = F.embedding(ids, self.weight)  # [s, b, h]
+            emb = GA.embedding(ids, self.weight)  # [s, b, h]
         # Each rank holds the rows of its vocabulary slice only: summing across TP completes the lookup.
         if self.sequence_parallel:
             return C.reduce_scatter_to_sequence_parallel_region(emb, self.group)  # [s/tp, b, h]

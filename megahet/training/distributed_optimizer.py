@@ -1,5 +1,7 @@
 """ZeRO-1: fp32 masters and Adam state sharded across data parallel, params all-gathered after the step.
 
+An fp32 param's master is its own owned elements (a view), as in the non-sharded optimizer.
+
 Each data-parallel rank owns one contiguous shard of every gradient bucket (DataParallel with
 use_distributed_optimizer=True reduce-scatters the buckets into exactly these shards). A param may
 straddle shards: each rank optimises only its elements of it (a `Piece`). After AdamW, every rank
@@ -14,7 +16,7 @@ from typing import Dict, List
 import torch
 
 from megahet.parallel.data_parallel import Bucket, GradBuffer
-from megahet.training.optimizer import STATE_KEYS, MixedPrecisionOptimizer, Piece
+from megahet.training.optimizer import STATE_KEYS, MixedPrecisionOptimizer, Piece, fp32_master
 
 
 @dataclass
@@ -50,8 +52,8 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
                     a, b = max(lo, ps), min(hi, pe)
                     if a >= b:
                         continue
-                    master = p.detach().reshape(-1)[a - ps:b - ps].float().clone()  # [b-a] fp32
-                    owned.append(Piece(p, master, buffer.data[a:b], a - ps, b - ps))
+                    master, aliased = fp32_master(p, a - ps, b - ps)  # [b-a] fp32 (a view of an fp32 param)
+                    owned.append(Piece(p, master, buffer.data[a:b], a - ps, b - ps, aliased))
                 self.shards.append(_OwnedShard(buffer, bucket, lo, hi, owned))
                 pieces.extend(owned)
         return pieces

@@ -1,7 +1,8 @@
 """AdamW on fp32 master weights, with loss-scale unscaling, a job-wide skip on inf/nan and clipping.
 
-Every trainable parameter (bf16, fp16 or fp32) gets a separate fp32 master copy: one code path for
-every dtype, and the model's params are only ever written by casting the masters back. Gradients are
+Every bf16/fp16 parameter gets a separate fp32 master copy, and the model's params are only written
+by casting the masters back. An fp32 parameter is its own master (a second copy would double the
+model's memory and cost a copy back after every step for identical bits). Gradients are
 the data-parallel buffers' fp32 `main_grad` (megahet.parallel.data_parallel), already summed over
 replicas. Weight decay follows Megatron: none for biases and 1-D params (norms), decay for the rest,
 embeddings included.
@@ -26,6 +27,7 @@ from megahet.training.loss_scaler import ConstantLossScaler
 
 log = logging.getLogger("megahet")
 
+OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
 STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
 
 
@@ -42,12 +44,42 @@ class Piece:
     """The part of one param this rank optimises: elements [lo, hi) of the flattened param.
 
     master and grad are fp32; for the non-sharded optimizer they cover the whole param (param's shape).
+    `aliased`: master is a view of the (fp32) param itself, so nothing is copied back after a step.
     """
     param: nn.Parameter
     master: torch.Tensor
     grad: torch.Tensor
     lo: int
     hi: int
+    aliased: bool = False
+
+
+def fp32_master(param: torch.Tensor, lo: int, hi: int):
+    """(master, aliased) for elements [lo, hi) of `param`: a view when param is fp32, else an fp32 copy."""
+    flat = param.detach().reshape(-1)[lo:hi]  # [hi-lo]
+    if param.dtype == torch.float32 and param.is_contiguous():
+        return flat, True
+    return flat.float().clone(), False
+
+
+def optimizer_flags(implementation: str, device: torch.device) -> Dict[str, bool]:
+    """torch.optim.AdamW keyword for --optimizer-implementation on this device.
+
+    auto: the fused kernel where torch has one for the device type (CPU, CUDA and the registered
+    accelerator backend in torch >= 2.4), else the multi-tensor (foreach) one, else the loop.
+    """
+    if implementation not in OPTIMIZER_IMPLEMENTATIONS:
+        raise MegahetError(f"--optimizer-implementation {implementation!r} must be one of {list(OPTIMIZER_IMPLEMENTATIONS)}")
+    if implementation == "auto":
+        from torch.utils import _foreach_utils as fu  # torch's own list of device types with these kernels
+        if device.type in fu._get_fused_kernels_supported_devices():
+            implementation = "fused"
+        elif device.type in fu._get_foreach_kernels_supported_devices():
+            implementation = "foreach"
+        else:
+            implementation = "for-loop"
+    return {"fused": {"fused": True, "foreach": False}, "foreach": {"fused": False, "foreach": True},
+            "for-loop": {"fused": False, "foreach": False}}[implementation]
 
 
 def no_weight_decay(param: torch.Tensor) -> bool:
@@ -81,13 +113,14 @@ class MixedPrecisionOptimizer:
         clip_grad: clip the global gradient norm to this (0: off).
         params_dtype: the model's parameter dtype (masters are fp32 whatever it is).
         loss_scaler: Constant/DynamicLossScaler; the backward loss was multiplied by its scale.
+        implementation: AdamW kernel, one of OPTIMIZER_IMPLEMENTATIONS (--optimizer-implementation).
     """
 
     sharded_over_dp = False
 
     def __init__(self, model_chunks: Sequence[nn.Module], ddp, ctx, *, lr: float, weight_decay: float = 0.0,
                  betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, clip_grad: float = 0.0,
-                 params_dtype: torch.dtype = torch.float32, loss_scaler=None):
+                 params_dtype: torch.dtype = torch.float32, loss_scaler=None, implementation: str = "auto"):
         _check_hyperparameters(lr, weight_decay, betas, eps, clip_grad)
         self.ctx, self.ddp = ctx, ddp
         self.clip_grad = float(clip_grad)
@@ -110,20 +143,23 @@ class MixedPrecisionOptimizer:
         for g in groups:
             if not g["params"]:
                 g["params"] = [torch.zeros(0, dtype=torch.float32, device=ctx.device)]
-        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        self.flags = optimizer_flags(implementation, torch.device(ctx.device))
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                           **self.flags)
 
     # ------------------------------------------------------------------ layout (overridden by ZeRO-1)
     def _build_pieces(self) -> List[Piece]:
         out = []
         for p in self.params:
-            master = p.detach().clone().float()  # fp32 copy, even of fp32 params
-            out.append(Piece(p, master, p.main_grad, 0, p.numel()))
+            master, aliased = fp32_master(p, 0, p.numel())
+            out.append(Piece(p, master.view_as(p), p.main_grad, 0, p.numel(), aliased))
         return out
 
     @torch.no_grad()
     def _copy_masters_to_params(self) -> None:
         for pc in self.pieces:
-            pc.param.copy_(pc.master)  # cast to the param dtype
+            if not pc.aliased:
+                pc.param.copy_(pc.master)  # cast to the param dtype
 
     def _local_state(self) -> Dict[int, Dict[str, torch.Tensor]]:
         """id(param) -> this rank's (TP/EP-sharded, DP-complete) fp32 master and Adam state, param-shaped."""
@@ -145,7 +181,9 @@ class MixedPrecisionOptimizer:
         """Set a piece's master and Adam state from flat fp32 slices of its elements [lo, hi)."""
         pc.master.copy_(flat["master"].view_as(pc.master))
         self.optimizer.state[pc.master] = {
-            "step": torch.tensor(float(self.num_steps), dtype=torch.float32),
+            # The fused kernel reads the step count on the params' device, the others on the host.
+            "step": torch.tensor(float(self.num_steps), dtype=torch.float32,
+                                 device=pc.master.device if self.flags["fused"] else None),
             "exp_avg": flat["exp_avg"].reshape(pc.master.shape).to(pc.master).clone(),
             "exp_avg_sq": flat["exp_avg_sq"].reshape(pc.master.shape).to(pc.master).clone()}
 
@@ -164,24 +202,35 @@ class MixedPrecisionOptimizer:
         Adam state is kept. Without this, the next step would write the stale masters back.
         """
         for pc in self.pieces:
-            pc.master.copy_(pc.param.detach().reshape(-1)[pc.lo:pc.hi].view_as(pc.master))
+            if not pc.aliased:
+                pc.master.copy_(pc.param.detach().reshape(-1)[pc.lo:pc.hi].view_as(pc.master))
 
     @torch.no_grad()
     def step(self) -> StepResult:
         """Unscale, skip everywhere on inf/nan, clip by the global norm, AdamW, write params back.
 
+        Without loss scaling the gradient norm (needed anyway) decides the skip: it is finite exactly
+        when every counted gradient element is (replicated copies hold the same values after the
+        reductions), so no separate pass over the gradients. A norm that overflows fp32 (above ~1e19)
+        also counts as non-finite; clipping would have zeroed such a step anyway. With a loss scale,
+        the grads are unscaled and checked per tensor first, as Megatron does for fp16.
+
         Call after `ddp.finish_grad_sync()`.
         """
         grads = [pc.grad for pc in self.pieces]
         scale = float(self.loss_scaler.scale)
-        if scale != 1.0:
-            for g in grads:
-                g.mul_(1.0 / scale)
-        if found_inf(grads, self.ctx):
+        scaled = scale != 1.0 or self.loss_scaler.dynamic
+        if scaled:
+            if scale != 1.0 and grads:
+                torch._foreach_mul_(grads, 1.0 / scale)
+            if found_inf(grads, self.ctx):
+                self.loss_scaler.update(True)
+                return StepResult(ok=False, grad_norm=float("nan"), found_inf=True)
+        norm = global_grad_norm([pc.param for pc in self.pieces], self.ctx, grads, self.sharded_over_dp)
+        if not scaled and not math.isfinite(norm):
             self.loss_scaler.update(True)
             return StepResult(ok=False, grad_norm=float("nan"), found_inf=True)
         self.loss_scaler.update(False)
-        norm = global_grad_norm([pc.param for pc in self.pieces], self.ctx, grads, self.sharded_over_dp)
         if self.clip_grad > 0:
             clip_grads(grads, self.clip_grad, norm)
         for pc in self.pieces:

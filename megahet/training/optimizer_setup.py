@@ -14,8 +14,10 @@ def build_optimizer(cfg: MegahetConfig, ctx: ParallelContext, model_chunks, loss
     master weights (sharded over data parallel with --use-distributed-optimizer)."""
     p, t = cfg.parallel, cfg.train
     ddp = DataParallel(model_chunks, ctx, bucket_size=p.ddp_bucket_size, overlap_grad_reduce=p.overlap_grad_reduce,
-                       use_distributed_optimizer=p.use_distributed_optimizer)
+                       use_distributed_optimizer=p.use_distributed_optimizer,
+                       gradient_accumulation_fusion=t.gradient_accumulation_fusion)
     cls = DistributedOptimizer if p.use_distributed_optimizer else MixedPrecisionOptimizer
     optimizer = cls(model_chunks, ddp, ctx, lr=t.lr, weight_decay=t.weight_decay, betas=(t.adam_beta1, t.adam_beta2),
-                    eps=t.adam_eps, clip_grad=t.clip_grad, params_dtype=params_dtype(cfg), loss_scaler=loss_scaler)
+                    eps=t.adam_eps, clip_grad=t.clip_grad, params_dtype=params_dtype(cfg), loss_scaler=loss_scaler,
+                    implementation=t.optimizer_implementation)
     return ddp, optimizer

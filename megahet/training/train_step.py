@@ -64,7 +64,7 @@ def train_step(model_chunks, ddp, optimizer, ctx: ParallelContext, microbatches,
     """Forward/backward over `microbatches` (this replica's), gradient sync and optimizer step."""
     start = time.perf_counter()
     global_tokens = global_token_count(microbatches, ctx)
-    ddp.zero_grad()
+    ddp.start_grad_accumulation()  # first writes overwrite: no pass zeroing the buffers
     if moe_tracker is not None:
         moe_tracker.reset()
     scale = loss_scaler.scale if loss_scaler is not None else 1.0
