@@ -80,3 +80,174 @@ def plan_job(cfg, cluster, given: Optional[Dict[str, object]] = None, *, measure
     c = constraints_from_flags(given or {}, cfg)
     c.layout = layout
     return search(spec, groups, links, cfg.train.global_batch_size, c, s)
+
+
+# -- auto-planning at training start ----------------------------------------------------------------
+_DEFAULTS = {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "expert_model_parallel_size": 1,
+             "pipeline_layers": None, "num_layers_per_virtual_pipeline_stage": None}
+
+
+def search_uniform(spec: cm.ModelSpec, groups, links, cluster, gbs: int, fixed: Dict[str, object],
+                   settings: Settings):
+    """Best layout the uniform flags can express on `cluster` (ranks in megahet's grid order over the
+    cluster spec): TP, PP, EP, layers per stage (uneven), micro-batch size, virtual stages, recompute.
+
+    Returns (plan dict, Prediction, recompute). Every pipeline gets the same micro-batches here; the
+    per-replica plans of the planner need the plan-driven runtime (--plan).
+    """
+    from megahet.hetero.plan import Plan
+    from megahet.hetero.planner import _partition_exact, _RECOMPUTE
+    from megahet.hetero.predict import Options, predict
+    from megahet.errors import MegahetError
+    world = sum(g.devices for g in cluster.groups)
+    owner = [g.name for g in cluster.groups for _ in range(g.devices)]
+    best = None
+    tps = [fixed["tensor_model_parallel_size"]] if "tensor_model_parallel_size" in fixed else \
+        [t for t in (1, 2, 4, 8) if world % t == 0 and spec.check_tp(t) is None]
+    pps = [fixed["pipeline_model_parallel_size"]] if "pipeline_model_parallel_size" in fixed else \
+        list(range(1, spec.num_layers + 1))
+    rcs = [fixed["recompute_granularity"]] if "recompute_granularity" in fixed else list(_RECOMPUTE)
+    for tp in tps:
+        for pp in pps:
+            if world % (tp * pp):
+                continue
+            dp = world // (tp * pp)
+            eps = [fixed["expert_model_parallel_size"]] if "expert_model_parallel_size" in fixed else \
+                ([e for e in range(1, dp + 1) if dp % e == 0 and spec.num_experts % e == 0] if spec.num_experts
+                 else [1])
+            mbss = [fixed["micro_batch_size"]] if "micro_batch_size" in fixed else list(settings.micro_batch_sizes)
+            for mbs in mbss:
+                if gbs % (mbs * dp):
+                    continue
+                m = gbs // (mbs * dp)
+                probe = Plan.uniform(tp, pp, dp, [1] * pp, mbs, m, cluster=cluster).to_dict()
+                if any(len({owner[r] for r in s["ranks"]}) > 1 for p in probe["pipelines"] for s in p["stages"]):
+                    continue  # a TP group would span two device groups
+                for ep in eps:
+                    for rc in rcs:
+                        for v in _uniform_vpps(fixed, spec, pp, m):
+                            try:
+                                layers = fixed.get("pipeline_layers") or _uniform_layers(
+                                    probe, spec, groups, links, mbs, tp, ep, rc, v)
+                                plan = Plan.uniform(tp, pp, dp, layers, mbs, m, virtual_stages=v, expert_parallel=ep,
+                                                    cluster=cluster).to_dict()
+                                pred = predict(plan, spec, groups, links,
+                                               Options(rc, settings.distributed_optimizer, settings.overlap_grad_reduce))
+                            except MegahetError:
+                                continue
+                            if pred.feasible and (best is None or pred.step_time_s < best[1].step_time_s):
+                                best = (plan, pred, rc)
+                        if best is not None and best[2] == rc:
+                            break
+    if best is None:
+        raise MegahetError(f"no layout of the {world} ranks in {getattr(cluster, 'source', 'the cluster spec')} fits "
+                           f"the model in memory; pass --plan, or use a smaller model")
+    return best
+
+
+def _uniform_vpps(fixed, spec, pp, m):
+    if "num_layers_per_virtual_pipeline_stage" in fixed:
+        return [max(1, spec.num_layers // pp // int(fixed["num_layers_per_virtual_pipeline_stage"]))]
+    out = [1]
+    if pp > 1 and m % pp == 0 and m >= pp:
+        out += [v for v in (2, 3, 4) if spec.num_layers % (pp * v) == 0]
+    return out
+
+
+def _uniform_layers(probe, spec, groups, links, mbs, tp, ep, rc, v):
+    """Layers per stage balancing the slowest pipeline's stages (exact DP; multiples of v)."""
+    from megahet.hetero.planner import _Costs, _partition_exact
+    costs = _Costs(spec, groups, links)
+    pp = len(probe["layers"])
+    per = []
+    for k in range(pp):
+        lay = [costs.layer(p["stages"][k]["group"], mbs, tp, ep, rc) for p in probe["pipelines"]]
+        per.append(max(lay, key=lambda x: x[0]))
+    times = [x[0] for x in per]
+    extra = [0.0] * pp
+    extra[0] += per[0][3][0]
+    extra[-1] += per[-1][3][2]
+    if v == 1:
+        return _partition_exact(lambda j, a, b: (b - a) * times[j] + extra[j], pp, spec.num_layers)
+    units = _partition_exact(lambda j, a, b: (b - a) * v * times[j] + extra[j], pp, spec.num_layers // v)
+    return [u * v for u in units]
+
+
+def _profile_once(cfg, cluster):
+    """The profile every local rank reads: the first to take the lock measures, the others wait for it."""
+    import fcntl
+    from megahet.hetero.profile import cache_dir
+    os.makedirs(cache_dir(), exist_ok=True)
+    with open(os.path.join(cache_dir(), ".auto.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            from megahet.hetero.profile import load_or_measure
+            return load_or_measure(cfg.model, params_dtype(cfg), threads=local_threads(cluster),
+                                   micro_batch_sizes=(1, 2, 4), vocab_size=cfg.model.vocab_size or 32000)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def auto_layout(cfg, cluster, vocab_size: Optional[int] = None) -> dict:
+    """Choose the layout for `--cluster` without `--plan` and write it into `cfg` (every rank computes
+    the same answer from the same cached profile). Layout flags that differ from their defaults stay
+    fixed. Returns the chosen plan dict (with `predicted`)."""
+    p, t = cfg.parallel, cfg.train
+    fixed: Dict[str, object] = {k: getattr(p, k) for k, d in _DEFAULTS.items() if getattr(p, k) != d}
+    if t.recompute_granularity is not None:
+        fixed["recompute_granularity"] = t.recompute_granularity
+    prof = _profile_once(cfg, cluster) if any(g.backend in _PROFILED for g in cluster.groups) else None
+    spec = cm.ModelSpec.from_config(cfg, vocab_size)
+    groups = cluster_groups(cluster, prof)
+    links = cm.Links.from_cluster(cluster.links)
+    settings = Settings(distributed_optimizer=p.use_distributed_optimizer, overlap_grad_reduce=p.overlap_grad_reduce)
+    plan, pred, rc = search_uniform(spec, groups, links, cluster, t.global_batch_size, fixed, settings)
+    tp = plan["pipelines"][0]["stages"][0]["tensor_parallel"]
+    p.tensor_model_parallel_size, p.pipeline_model_parallel_size = tp, len(plan["layers"])
+    p.expert_model_parallel_size = plan["expert_parallel"]
+    p.pipeline_layers = list(plan["layers"]) if len(plan["layers"]) > 1 else None
+    v = plan["virtual_stages"]
+    p.num_layers_per_virtual_pipeline_stage = plan["layers"][0] // v if v > 1 else None
+    t.micro_batch_size = plan["pipelines"][0]["micro_batch_size"]
+    t.recompute_granularity = rc
+    if rc == "full" and t.recompute_method is None:
+        t.recompute_method = "uniform"
+    plan["predicted"] = {"step_time_s": round(pred.step_time_s, 6), "tokens_per_s": round(pred.tokens_per_s, 3)}
+    log.info("megahet: auto plan for %s: tp=%d pp=%d ep=%d layers=%s micro-batch %d, virtual stages %d, "
+             "recompute %s; predicted %.3f s/step", cfg.hetero.cluster, tp, len(plan["layers"]), plan["expert_parallel"],
+             plan["layers"], t.micro_batch_size, v, rc or "none", pred.step_time_s)
+    return plan
+
+
+def layout_flags_given(cfg) -> bool:
+    """True when the config sets any layout flag away from its default (the user chose a layout)."""
+    p = cfg.parallel
+    return any(getattr(p, k) != d for k, d in _DEFAULTS.items())
+
+
+def choose_plan(cfg, cluster):
+    """The planner's plan for `--cluster` without `--plan` (a runtime Plan, every device used).
+
+    Every local rank calls this and gets the same plan: the profile is measured once under a file lock
+    and read from the cache by the others. Applies the chosen recompute to `cfg`.
+    """
+    from megahet.hetero.plan import Plan
+    p, t = cfg.parallel, cfg.train
+    prof = _profile_once(cfg, cluster) if any(g.backend in _PROFILED for g in cluster.groups) else None
+    vocab = cfg.model.vocab_size or (cfg.data.builtin_vocab_size if not cfg.data.tokenizer_model else None)
+    spec = cm.ModelSpec.from_config(cfg, vocab)
+    groups = cluster_groups(cluster, prof)
+    links = cm.Links.from_cluster(cluster.links)
+    settings = Settings(distributed_optimizer=p.use_distributed_optimizer, overlap_grad_reduce=p.overlap_grad_reduce)
+    c = Constraints()
+    if t.recompute_granularity is not None:
+        c.recompute = t.recompute_granularity
+    res = search(spec, groups, links, t.global_batch_size, c, settings)
+    if res.options.recompute != t.recompute_granularity:
+        t.recompute_granularity = res.options.recompute
+        if t.recompute_granularity == "full" and t.recompute_method is None:
+            t.recompute_method = "uniform"
+    log.info("megahet: planned %s (virtual stages %d, layers %s); predicted %.3f s/step, %.0f tokens/s",
+             res.candidate.describe(), res.plan["virtual_stages"], res.plan["layers"], res.prediction.step_time_s,
+             res.prediction.tokens_per_s)
+    return Plan.from_dict(res.plan, "planned plan")

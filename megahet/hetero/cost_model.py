@@ -435,7 +435,9 @@ def optimizer_time(group: GroupSpec, params_local: float) -> float:
     """Adam step over this rank's (possibly sharded) parameters: memory-bound."""
     prof = group.profile
     if prof is not None and getattr(prof, "optimizer_s_per_param", None):
-        return prof.optimizer_s_per_param * params_local / group.speed
+        # The sim backend stretches forward/backward chunks only; its optimizer runs at CPU speed.
+        slow = 1.0 if group.backend == "sim" else group.speed
+        return prof.optimizer_s_per_param * params_local / slow
     return ADAM_BYTES_PER_PARAM * params_local / group.memory_bandwidth
 
 

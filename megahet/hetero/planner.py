@@ -134,9 +134,15 @@ def _ordered_groups(groups: Dict[str, cm.GroupSpec]) -> List[cm.GroupSpec]:
 def _mixed_layouts(groups, spec, c: Constraints, gbs: int) -> List[Tuple[Tuple[str, ...], Tuple[int, ...], int]]:
     """(stage groups, stage TPs, pipelines) of every mixed layout worth scoring."""
     order = _ordered_groups(groups)
-    tp_sets = [_tp_candidates(g, spec, c.tp) for g in order]
+    # TP per device kind, not per group: the same hardware on two sites gets the same degree.
+    kinds: Dict[tuple, int] = {}
+    kind_of = [kinds.setdefault((g.backend, g.peak_tflops, g.memory_gb, g.devices_per_node), len(kinds))
+               for g in order]
+    first = {k: next(g for g, kk in zip(order, kind_of) if kk == k) for k in kinds.values()}
+    tp_sets = [_tp_candidates(first[k], spec, c.tp) for k in range(len(kinds))]
     out = {}
-    for tps in _product(tp_sets):
+    for kind_tps in _product(tp_sets):
+        tps = tuple(kind_tps[k] for k in kind_of)
         ds = set()
         for g, t in zip(order, tps):
             for k in range(1, spec.num_layers + 1):

@@ -83,10 +83,16 @@ def profile_key(backend: str, model_cfg, dtype: torch.dtype, threads: int, mbs: 
 
 def load_or_measure(model_cfg, dtype: torch.dtype, *, backend: str = "cpu", threads: Optional[int] = None,
                     micro_batch_sizes: Sequence[int] = (1, 2, 4), vocab_size: int = 32000,
-                    progress: Optional[Progress] = None, repeats: int = 3, use_cache: bool = True) -> Profile:
-    """The cached profile of this model shape on `backend`, measuring it on a miss."""
+                    progress: Optional[Progress] = None, repeats: int = 3, use_cache: bool = True,
+                    co_runners: Sequence[float] = ()) -> Profile:
+    """The cached profile of this model shape on `backend`, measuring it on a miss.
+
+    co_runners: speeds (1.0 for cpu, the sim speed for sim) of the other ranks that will share this
+    host; they run the same measurement at the same time (sim ones idling as a sim rank does), so the
+    times include the contention the real job sees.
+    """
     threads = threads or torch.get_num_threads()
-    key = profile_key(backend, model_cfg, dtype, threads, micro_batch_sizes)
+    key = profile_key(backend, model_cfg, dtype, threads, list(micro_batch_sizes) + [tuple(co_runners)])
     path = os.path.join(cache_dir(), key + ".json")
     if use_cache and os.path.exists(path):
         try:
@@ -94,8 +100,17 @@ def load_or_measure(model_cfg, dtype: torch.dtype, *, backend: str = "cpu", thre
                 return Profile(**json.load(fh))
         except (OSError, ValueError, TypeError):
             log.warning("profile cache %s unreadable; measuring again", path)
-    prof = measure(model_cfg, dtype, backend=backend, threads=threads, micro_batch_sizes=micro_batch_sizes,
-                   vocab_size=vocab_size, progress=progress, repeats=repeats)
+    if co_runners:
+        from megahet.testing import run_distributed
+        results = run_distributed(_measure_rank, 1 + len(co_runners), model_cfg, dtype, threads,
+                                  list(micro_batch_sizes), vocab_size, repeats, [1.0] + list(co_runners),
+                                  timeout=1800.0, env={"MEGAHET_TEST_THREADS": str(threads)})
+        prof = results[0]
+        if progress:
+            progress(1, 1, "profiled with co-running ranks")
+    else:
+        prof = measure(model_cfg, dtype, backend=backend, threads=threads, micro_batch_sizes=micro_batch_sizes,
+                       vocab_size=vocab_size, progress=progress, repeats=repeats)
     prof.key = key
     os.makedirs(cache_dir(), exist_ok=True)
     tmp = path + ".partial"
@@ -131,9 +146,18 @@ def _timed(fn, sync) -> float:
     return time.perf_counter() - t0
 
 
+def _measure_rank(model_cfg, dtype, threads, mbs, vocab_size, repeats, speeds):
+    """One of several concurrent measurements (run_distributed child); a sim rank idles like one."""
+    speed = speeds[int(os.environ.get("RANK", "0"))]
+    idle = (lambda elapsed: time.sleep((1.0 / speed - 1.0) * elapsed)) if speed < 1.0 else None
+    return measure(model_cfg, dtype, threads=threads, micro_batch_sizes=mbs, vocab_size=vocab_size,
+                   repeats=repeats, after_compute=idle)
+
+
 def measure(model_cfg, dtype: torch.dtype, *, backend: str = "cpu", threads: int = 1,
             micro_batch_sizes: Sequence[int] = (1, 2, 4), vocab_size: int = 32000,
-            progress: Optional[Progress] = None, repeats: int = 3) -> Profile:
+            progress: Optional[Progress] = None, repeats: int = 3,
+            after_compute: Optional[Callable[[float], None]] = None) -> Profile:
     """Time and measure the pieces of `model_cfg` (a finalized ModelConfig) on this machine's `backend`."""
     from megahet.models.gpt import GPTModel
     from megahet.models.transformer import TransformerLayer, is_moe_layer, rotary_tables
@@ -175,14 +199,15 @@ def measure(model_cfg, dtype: torch.dtype, *, backend: str = "cpu", threads: int
                 layer = modules[k]
                 x = torch.randn(seq, mbs, h, dtype=dtype, device=ctx.device)
                 prof.times[f"{k}/{mbs}"] = _fwd_bwd(lambda x=x, layer=layer: layer(x.requires_grad_(), rope),
-                                                    sync, repeats)
+                                                    sync, repeats, after_compute)
                 tick(f"{k} layer, micro-batch {mbs}")
             tokens = torch.randint(0, vocab_size, (mbs, seq), device=ctx.device)
-            prof.times[f"embed/{mbs}"] = _fwd_bwd(lambda t=tokens: embed(tokens=t), sync, repeats)
+            prof.times[f"embed/{mbs}"] = _fwd_bwd(lambda t=tokens: embed(tokens=t), sync, repeats, after_compute)
             tick(f"embedding, micro-batch {mbs}")
             hidden = torch.randn(seq, mbs, h, dtype=dtype, device=ctx.device)
             prof.times[f"head/{mbs}"] = _fwd_bwd(
-                lambda x=hidden, t=tokens: head(hidden_states=x.requires_grad_(), labels=t).sum(), sync, repeats)
+                lambda x=hidden, t=tokens: head(hidden_states=x.requires_grad_(), labels=t).sum(), sync, repeats,
+                after_compute)
             tick(f"head + loss, micro-batch {mbs}")
         mbs = micro_batch_sizes[0]
         tokens_n = mbs * seq
@@ -213,7 +238,7 @@ def measure(model_cfg, dtype: torch.dtype, *, backend: str = "cpu", threads: int
     return prof
 
 
-def _fwd_bwd(fn, sync, repeats: int) -> List[float]:
+def _fwd_bwd(fn, sync, repeats: int, after_compute=None) -> List[float]:
     """Median forward and backward seconds of `fn()` (its output backpropagated with a ones gradient)."""
     fwds, bwds = [], []
     for i in range(repeats + 1):
@@ -224,8 +249,12 @@ def _fwd_bwd(fn, sync, repeats: int) -> List[float]:
             out = fn()
 
         f = _timed(forward, sync)
+        if after_compute:
+            after_compute(f)
         grad = torch.ones_like(out)
         b = _timed(lambda: out.backward(grad), sync)
+        if after_compute:
+            after_compute(b)
         if i:  # the first run warms up
             fwds.append(f)
             bwds.append(b)
@@ -266,6 +295,7 @@ def fit_link(points: Sequence[Tuple[int, float]]) -> Tuple[float, float]:
 
 def _pingpong(sizes, repeats):
     import torch.distributed as dist
+    dist.init_process_group("gloo")
     rank = dist.get_rank()
     out = []
     for size in sizes:

@@ -1,0 +1,151 @@
+"""Predicted vs measured step time of cpu+sim plans run for real on this machine.
+
+For each case: profile the model here (fresh, not cached: the machine's load changes), predict the
+plan, then train it for a few steps with torchrun (mock data) and take the median step time after
+warm-up. Profile and run alternate case by case so both see about the same load.
+
+    python tools/bench_planner_measured.py [--iters 6] [--only dp,pp]
+
+Plans are the uniform layouts the runtime runs from flags (Plan.uniform over the cluster spec), or
+plan files when the runtime accepts --plan.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from megahet.config import build_config  # noqa: E402
+from megahet.hetero import cost_model as cm  # noqa: E402
+from megahet.hetero.autoplan import params_dtype  # noqa: E402
+from megahet.hetero.cluster import parse_cluster  # noqa: E402
+from megahet.hetero.plan import Plan, even_layers  # noqa: E402
+from megahet.hetero.planner import cluster_groups  # noqa: E402
+from megahet.hetero.predict import Options, predict  # noqa: E402
+from megahet.hetero.profile import load_or_measure, measure_links  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+MODEL = dict(hidden_size=256, num_attention_heads=4, seq_length=128, vocab_size=2048, global_batch_size=8,
+             micro_batch_size=2, num_layers=8)
+CPU_SIM = {"groups": [{"name": "fast", "backend": "cpu", "devices": 1},
+                      {"name": "slow", "backend": "sim", "devices": 1, "speed": 0.5}]}
+CPU2 = {"groups": [{"name": "cpu", "backend": "cpu", "devices": 2}]}
+SIM4 = {"groups": [{"name": "a", "backend": "sim", "devices": 2, "speed": 0.5, "domain": "a"},
+                   {"name": "b", "backend": "sim", "devices": 2, "speed": 0.25, "domain": "b"}]}
+SIM4Q = {"groups": [{"name": "q", "backend": "sim", "devices": 4, "speed": 0.25}]}
+
+# name -> (cluster, layout flags, model overrides)
+CASES = {
+    "dp": (CPU_SIM, {}, {}),
+    "pp": (CPU_SIM, {"pipeline_model_parallel_size": 2}, {}),
+    "pp-uneven": (CPU_SIM, {"pipeline_model_parallel_size": 2, "pipeline_layers": [6, 2]}, {}),
+    "pp-interleaved": (CPU_SIM, {"pipeline_model_parallel_size": 2, "num_layers_per_virtual_pipeline_stage": 2},
+                       {"global_batch_size": 16}),
+    "tp": (CPU2, {"tensor_model_parallel_size": 2}, {}),
+    "moe-ep": (CPU2, {"expert_model_parallel_size": 2},
+               {"num_experts": 4, "moe_router_topk": 2, "moe_ffn_hidden_size": 256}),
+    "dp-distopt-recompute": (CPU2, {"use_distributed_optimizer": True, "recompute_granularity": "full"}, {}),
+    "pp4-sim": (SIM4Q, {"pipeline_model_parallel_size": 4}, {"global_batch_size": 16}),
+    "tp2xpp2-mixed": (SIM4, {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}, {}),
+}
+
+
+def _flags(d: dict):
+    out = []
+    for k, v in d.items():
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            out.append(flag)
+        elif isinstance(v, list):
+            out += [flag, ",".join(map(str, v))]
+        else:
+            out += [flag, str(v)]
+    return out
+
+
+def predict_case(cluster_raw, layout, model, profile, links_prof):
+    cfg = build_config(overrides={**MODEL, **model, **layout, "mock_data": True, "train_iters": 10}, validate=False)
+    cluster = parse_cluster(cluster_raw)
+    world = cluster.world_size
+    tp = layout.get("tensor_model_parallel_size", 1)
+    pp = layout.get("pipeline_model_parallel_size", 1)
+    dp = world // (tp * pp)
+    layers = layout.get("pipeline_layers") or even_layers(cfg.model.num_layers, pp)
+    v = 1
+    if layout.get("num_layers_per_virtual_pipeline_stage"):
+        v = cfg.model.num_layers // pp // layout["num_layers_per_virtual_pipeline_stage"]
+    mbs = cfg.train.micro_batch_size
+    m = cfg.train.global_batch_size // (mbs * dp)
+    plan = Plan.uniform(tp, pp, dp, layers, mbs, m, virtual_stages=v,
+                        expert_parallel=layout.get("expert_model_parallel_size", 1), cluster=cluster).to_dict()
+    for p in plan["pipelines"]:
+        for s in p["stages"]:
+            s.pop("ranks", None)
+    spec = cm.ModelSpec.from_config(cfg)
+    groups = cluster_groups(cluster, profile)
+    links = cm.Links.from_cluster({})
+    for kind, (bw, lat) in links_prof.items():
+        links.bandwidth[kind], links.latency[kind] = bw, lat
+    opts = Options(recompute=cfg.train.recompute_granularity,
+                   distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+    return predict(plan, spec, groups, links, opts), cfg
+
+
+def run_case(cluster_raw, layout, model, iters, port):
+    with tempfile.TemporaryDirectory() as tmp:
+        cpath = os.path.join(tmp, "cluster.yaml")
+        import yaml
+        with open(cpath, "w") as fh:
+            yaml.safe_dump(cluster_raw, fh)
+        metrics = os.path.join(tmp, "m.jsonl")
+        world = sum(g["devices"] for g in cluster_raw["groups"])
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-port",
+               str(port), os.path.join(ROOT, "examples", "pretrain_gpt.py"), "--cluster", cpath, "--mock-data",
+               "--train-iters", str(iters), "--log-interval", "1", "--eval-interval", "100000",
+               "--metrics-file", metrics] + _flags({**MODEL, **model, **layout})
+        env = dict(os.environ, OMP_NUM_THREADS="1")  # as profiled: one thread per rank on this shared host
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if proc.returncode:
+            raise RuntimeError(proc.stderr[-2000:])
+        with open(metrics) as fh:
+            steps = [json.loads(line)["step_time_s"] for line in fh]
+    return statistics.median(steps[2:]) if len(steps) > 3 else steps[-1]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--iters", type=int, default=6)
+    ap.add_argument("--only", default=None, help="comma-separated case names")
+    args = ap.parse_args()
+    names = args.only.split(",") if args.only else list(CASES)
+    links_prof = measure_links()
+    print(f"gloo link here: {links_prof['intra_node'][0] / 1e9:.2f} GB/s, "
+          f"{links_prof['intra_node'][1] * 1e6:.0f} us latency")
+    print(f"{'case':<22} {'predicted s':>11} {'measured s':>11} {'error':>7}   plan")
+    errors = []
+    for i, name in enumerate(names):
+        cluster_raw, layout, model = CASES[name]
+        cfg = build_config(overrides={**MODEL, **model, "mock_data": True, "train_iters": 10}, validate=False)
+        def profiled():
+            prof = load_or_measure(cfg.model, params_dtype(cfg), threads=1, repeats=5,
+                                   micro_batch_sizes=(cfg.train.micro_batch_size,), vocab_size=cfg.model.vocab_size,
+                                   use_cache=False)
+            return predict_case(cluster_raw, layout, model, prof, links_prof)[0].step_time_s
+
+        # Profile before and after the run and average: the host's load drifts over minutes.
+        before = profiled()
+        measured = run_case(cluster_raw, layout, model, args.iters, 29700 + i)
+        predicted = (before + profiled()) / 2
+        err = predicted / measured - 1
+        errors.append(abs(err))
+        desc = ", ".join(f"{k}={v}" for k, v in layout.items()) or "dp"
+        print(f"{name:<22} {predicted:>11.3f} {measured:>11.3f} {err * 100:>+6.1f}%   {desc}", flush=True)
+    print(f"mean |error| {statistics.mean(errors) * 100:.1f}%, max {max(errors) * 100:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
