@@ -234,19 +234,23 @@ def state_bytes(spec: ModelSpec, count: ParamCount, dp: int, expert_dp: int, dis
                 ) -> Memory:
     """Parameters (their dtype; router fp32), fp32 main grads, fp32 masters + 2 Adam moments.
 
+    bf16/fp16 parameters get a separate fp32 master; fp32 ones (and the router) are their own master.
     The distributed optimizer shards masters and moments over the data-parallel group (experts over
     the expert-data-parallel group), rounding each shard up as its buffers do.
     """
     params = (count.dense + count.expert) * spec.param_bytes + count.fp32 * 4
     grads = count.total * 4
-    per_param_opt = 12  # fp32 master + exp_avg + exp_avg_sq
+    master = 4 if spec.param_bytes != 4 else 0
+
+    def opt(low: int, fp32: int) -> float:  # elements in the param dtype, elements already fp32
+        return low * (master + 8) + fp32 * 8
+
     if distributed_optimizer:
-        dense = math.ceil((count.dense + count.fp32) / dp)
-        expert = math.ceil(count.expert / max(expert_dp, 1))
-        opt = (dense + expert) * per_param_opt
+        optimizer = opt(math.ceil(count.dense / dp), math.ceil(count.fp32 / dp)) + opt(
+            math.ceil(count.expert / max(expert_dp, 1)), 0)
     else:
-        opt = count.total * per_param_opt
-    return Memory(params=params, grads=grads, optimizer=opt)
+        optimizer = opt(count.dense + count.expert, count.fp32)
+    return Memory(params=params, grads=grads, optimizer=optimizer)
 
 
 def activation_bytes_per_token(spec: ModelSpec, moe: bool, tp: int, recompute: Optional[str]) -> float:

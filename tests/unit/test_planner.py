@@ -53,9 +53,11 @@ def test_state_bytes_sharded_by_distributed_optimizer():
     full = cm.state_bytes(spec, count, dp=4, expert_dp=2, distributed_optimizer=False)
     assert full.params == 1800 * 2 + 40 * 4
     assert full.grads == 1840 * 4
-    assert full.optimizer == 1840 * 12
+    assert full.optimizer == 1800 * 12 + 40 * 8  # bf16: fp32 master + 2 moments; fp32 router: moments only
     shard = cm.state_bytes(spec, count, dp=4, expert_dp=2, distributed_optimizer=True)
-    assert shard.optimizer == (1040 // 4 + 800 // 2) * 12
+    assert shard.optimizer == (1000 // 4 + 800 // 2) * 12 + 40 // 4 * 8
+    fp32 = cm.state_bytes(_spec(param_bytes=4), count, dp=1, expert_dp=1, distributed_optimizer=False)
+    assert fp32.optimizer == 1840 * 8  # fp32 params are their own masters
 
 
 def test_activation_bytes_hand_computed():
@@ -97,10 +99,11 @@ def test_state_bytes_match_a_real_rank(tmp_path):
     predicted = cm.state_bytes(spec, cm.stage_params(spec, range(2), 1, 1, True, True, 1), 1, 1, False)
     params = sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
     grads = sum(b.data.numel() * 4 for b in ddp.buffers)
-    masters = sum(pc.master.numel() * 4 for pc in opt.pieces)
+    copies = sum(pc.master.numel() * 4 for pc in opt.pieces if not pc.aliased)  # fp32 params alias theirs
+    moments = sum(pc.master.numel() * 8 for pc in opt.pieces)  # AdamW's two fp32 moments per element
     assert params == predicted.params
     assert grads == predicted.grads
-    assert 3 * masters == predicted.optimizer  # master + AdamW's two fp32 moments of the same shape
+    assert copies + moments == predicted.optimizer
 
 
 # -- simulator ------------------------------------------------------------------------------------------
