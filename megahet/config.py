@@ -143,6 +143,7 @@ class CheckpointConfig:
     keep_last: Optional[int] = _f(None, "Keep only the last K checkpoints.")
     finetune: bool = _f(False, "Load weights only; reset optimizer, iteration and data position.")
     load_fallback: bool = _f(False, "If the newest checkpoint under --load is damaged, load the previous complete one.")
+    async_save: bool = _f(False, "Copy checkpoints to host memory and write them in the background while training continues.")
 
 
 @dataclass

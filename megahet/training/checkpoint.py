@@ -67,9 +67,10 @@ def _params_by_name(model_chunks) -> Dict[str, torch.Tensor]:
 
 
 def _is_finite(model_chunks, ctx: ParallelContext) -> bool:
-    # One flag per parameter, stacked: a single host sync instead of one per parameter.
-    flags = [(~torch.isfinite(p.detach())).any() for chunk in model_chunks for p in chunk.parameters()]
-    bad = torch.stack(flags).any().float().reshape(1) if flags else torch.zeros(1, device=ctx.device)
+    # NaN/Inf anywhere makes a param's fp32 sum non-finite: one read pass, no mask allocated (a sum of
+    # finite weights cannot overflow fp32 at any model size). Stacked: a single host sync.
+    sums = [p.detach().sum(dtype=torch.float32) for chunk in model_chunks for p in chunk.parameters()]
+    bad = (~torch.isfinite(torch.stack(sums))).any().float().reshape(1) if sums else torch.zeros(1, device=ctx.device)
     ctx.world_group.all_reduce(bad, op="max")
     return bad.item() == 0
 
@@ -349,7 +350,9 @@ def load_checkpoint_at(path: str, meta: dict, model_chunks, optimizer, ctx: Para
         def read_piece(p, lo, hi) -> Dict[str, torch.Tensor]:
             out = {}
             for key in STATE_KEYS:
-                flat = torch.zeros(hi - lo, dtype=torch.float32, device=p.device)  # [hi - lo]
+                # [hi - lo]; zeros only where vocabulary padding is not stored
+                alloc = torch.zeros if getattr(p, "vocab_dim", None) is not None else torch.empty
+                flat = alloc(hi - lo, dtype=torch.float32, device=p.device)
                 _read_parts(reader, f"optim/{p.global_name}/{key}", flat, parts(p, ctx, vocab_size, lo, hi))
                 out[key] = flat
             return out

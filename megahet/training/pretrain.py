@@ -22,6 +22,7 @@ from megahet.parallel.context import ParallelContext, build_parallel_context
 from megahet.parallel.pipeline import schedule_name
 from megahet.parallel.schedule_trace import ScheduleTracer
 from megahet.training import checkpoint as ckpt
+from megahet.training.checkpoint_async import AsyncCheckpointSaver
 from megahet.training.data_setup import DataSetup, build_data
 from megahet.training.flops import model_flops_utilization, tflops_per_device, transformer_flops_per_token
 from megahet.training.loss_scaler import build_loss_scaler
@@ -110,10 +111,13 @@ def pretrain(cfg: MegahetConfig) -> dict:
                            cfg.logging.wandb_exp_name, cfg.logging.wandb_save_dir, cfg.logging.tensorboard_dir,
                            cfg.to_dict(), train_iters=iters, moe=bool(m.num_experts))
     meter = Throughput(flops_per_token, float(peak), ctx.world_size, t.global_batch_size * m.seq_length)
+    saver = AsyncCheckpointSaver(ctx, data.vocab_size) if cfg.checkpoint.async_save else None
     start_time = time.time()
     last: dict = {}
     try:
         while state.iteration < iters:
+            if saver is not None:
+                saver.poll()  # publish a background save once every rank has written it
             mbs = replica_microbatches(data.train, state.consumed_samples, t.global_batch_size, dp_sizes,
                                        ctx.dp_rank, t.micro_batch_size)
             last_step = state.iteration + 1 == iters
@@ -148,10 +152,12 @@ def pretrain(cfg: MegahetConfig) -> dict:
                 (cfg.checkpoint.save_interval and state.iteration % cfg.checkpoint.save_interval == 0)
                 or state.iteration == iters or should_exit)
             if save_now:
-                save(cfg, ctx, chunks, optimizer, scheduler, scaler, state, data.vocab_size)
+                save(cfg, ctx, chunks, optimizer, scheduler, scaler, state, data.vocab_size, saver)
             if should_exit:
                 log.info("exiting at iteration %d as requested", state.iteration)
                 break
+        if saver is not None:
+            saver.wait()  # exit only once the last checkpoint is published
     finally:
         logger.close()
     return last
@@ -216,9 +222,14 @@ def _meta(cfg: MegahetConfig, state: TrainState, scheduler, scaler) -> dict:
             "config": cfg.to_dict()}
 
 
-def save(cfg, ctx, chunks, optimizer, scheduler, scaler, state: TrainState, vocab_size: int) -> None:
+def save(cfg, ctx, chunks, optimizer, scheduler, scaler, state: TrainState, vocab_size: int, saver=None) -> None:
+    """Save now (synchronously), or hand the save to the background `saver` (--async-save)."""
+    meta = _meta(cfg, state, scheduler, scaler)
+    if saver is not None:
+        saver.save(cfg.checkpoint.save, state.iteration, chunks, optimizer, meta=meta, keep_last=cfg.checkpoint.keep_last)
+        return
     ckpt.save_checkpoint(cfg.checkpoint.save, state.iteration, chunks, optimizer, ctx, vocab_size=vocab_size,
-                         meta=_meta(cfg, state, scheduler, scaler), keep_last=cfg.checkpoint.keep_last)
+                         meta=meta, keep_last=cfg.checkpoint.keep_last)
 
 
 def resume(cfg, ctx, chunks, optimizer, scheduler, scaler, state: TrainState, vocab_size: int) -> Optional[dict]:

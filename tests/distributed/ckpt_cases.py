@@ -1,14 +1,12 @@
 """Rank functions for the sharded-checkpoint tests: memory while saving/loading, pickle-free resume."""
-import ctypes
 import gc
 import os
 import pickle
-import threading
-import time
 
 import torch
 
 from megahet.config import build_config
+from megahet.memory_probe import PeakSampler, exact_malloc_accounting
 from megahet.training import checkpoint as ckpt
 from megahet.training.model_builder import build_model_chunks
 from megahet.training.optimizer_setup import build_optimizer
@@ -20,43 +18,6 @@ MEM_MODEL = dict(num_layers=4, hidden_size=256, ffn_hidden_size=1024, num_attent
                  seq_length=16, mock_data=True, micro_batch_size=1, global_batch_size=8, lr=1e-3,
                  make_vocab_size_divisible_by=128, seed=3, distributed_timeout_s=60, train_iters=1)
 VOCAB = 2000
-
-
-def rss_anon() -> int:
-    """Anonymous resident memory (bytes): what the process allocated, not file pages it mapped."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssAnon in /proc/self/status")
-
-
-class PeakSampler:
-    """Samples RssAnon every 0.5 ms in a thread; `peak` is the highest value seen."""
-
-    def __enter__(self):
-        self.peak, self._stop = rss_anon(), False
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop:
-            self.peak = max(self.peak, rss_anon())
-            time.sleep(0.0005)
-
-    def __exit__(self, *exc):
-        self._stop = True
-        self._thread.join()
-        self.peak = max(self.peak, rss_anon())
-
-
-def exact_malloc_accounting() -> None:
-    """Make glibc return every large block at free (fixed mmap threshold), so RssAnon follows the live
-    allocations instead of heap high-water marks."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: blocks >= 64 KiB get their own mapping
-    libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD: give freed heap tops back at once
 
 
 def _build(over):
@@ -82,20 +43,18 @@ def measure_save_load(root: str, over: dict):
     items = ckpt._items(chunks, opt, ctx, VOCAB)
     largest = max(it.part.sizes and torch.Size(it.part.sizes).numel() * it.source.element_size() for it in items)
     gc.collect()
-    before = rss_anon()
     with PeakSampler() as s:
         path = ckpt.save_checkpoint(root, 1, chunks, opt, ctx, vocab_size=VOCAB, meta={"config": cfg.to_dict()})
-    save_extra = s.peak - before
+    save_extra = s.extra
     weights = {n: p.detach().clone() for c in chunks for n, p in c.named_parameters()}
     for c in chunks:
         for p in c.parameters():
             p.data.zero_()
     del items
     gc.collect()
-    before = rss_anon()
     with PeakSampler() as s:
         ckpt.load_checkpoint(root, chunks, opt, ctx, vocab_size=VOCAB)
-    load_extra = s.peak - before
+    load_extra = s.extra
     def real(t, p):  # vocabulary padding rows are not stored
         dim = getattr(p, "vocab_dim", None)
         return t if dim is None else t.narrow(dim, 0, max(0, min(t.shape[dim], VOCAB - ctx.tp_rank * t.shape[dim])))
