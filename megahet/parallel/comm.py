@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megahet.parallel import bridge
+from megahet.parallel.collective_errors import named_failures
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 # torch 2.13 renamed the tensor-in/tensor-out collectives; older releases (>= 2.4) have the old names.
@@ -48,6 +49,7 @@ def _complete(work, finish, async_op: bool, value):
     return value
 
 
+@named_failures  # a hung or dead peer: one-line error naming this rank, the collective and the group
 class CommGroup:
     """A set of global ranks and the process group that connects them.
 

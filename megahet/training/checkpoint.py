@@ -191,7 +191,7 @@ def finish_save(pending: PendingSave, ctx: ParallelContext, vocab_size: int) -> 
                              layout=dict(tp=ctx.tp, pp=ctx.pp, dp=ctx.dp, ep=ctx.ep), vocab_size=vocab_size)
             atomic_write_json(os.path.join(pending.partial, META), full_meta)
             if os.path.exists(final):
-                shutil.rmtree(final)
+                _remove(final)
             os.replace(pending.partial, final)
             atomic_write_bytes(os.path.join(pending.root, LATEST), os.path.basename(final).encode())
         except OSError as exc:
@@ -230,9 +230,18 @@ def list_checkpoints(root: str) -> List[str]:
     return fmt.complete_checkpoints(root)
 
 
+def _remove(path: str) -> None:
+    """Delete a checkpoint directory, meta.json first: a kill half-way leaves it incomplete, never loadable."""
+    try:
+        os.remove(os.path.join(path, META))
+    except FileNotFoundError:
+        pass
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _prune(root: str, keep_last: int) -> None:
     for name in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        _remove(os.path.join(root, name))
 
 
 def find_checkpoint(root: str) -> Optional[str]:

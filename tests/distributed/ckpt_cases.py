@@ -2,6 +2,7 @@
 import gc
 import os
 import pickle
+import time
 
 import torch
 
@@ -72,3 +73,18 @@ def train_without_pickle(over: dict):
     pickle.load = pickle.loads = _no_unpickling
     torch.load = _no_unpickling
     return train(over)
+
+
+def hang_in_all_reduce():
+    """Rank 1 hangs (never joins the all-reduce); rank 0 must fail with a one-line error, not wait forever."""
+    from megahet.errors import MegahetError
+    from megahet.parallel.context import build_parallel_context
+    ctx = build_parallel_context(backend_name="cpu", timeout_s=3.0)
+    if ctx.rank == 1:
+        time.sleep(8.0)
+        return None
+    try:
+        ctx.world_group.all_reduce(torch.ones(4))
+    except MegahetError as exc:
+        return str(exc)
+    return "no error"
