@@ -27,7 +27,7 @@ from megahet.errors import MegahetError
 
 logger = logging.getLogger(__name__)
 
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2  # 2: Megatron's index format
 SKIPPED_MODULES = {"test", "tests", "idle_test", "__phello__", "antigravity", "this"}
 _DOC_NODES = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from megahet.data.cache import atomic_write_json
 from megahet.data.indexed_dataset import (IndexedDataset, IndexedDatasetBuilder, data_file_path,
-                                          index_file_path)
+                                          index_file_path, meta_file_path)
 from megahet.errors import MegahetError
 from megahet.tokenizer import build_tokenizer
 
@@ -109,7 +109,7 @@ def _fingerprint(input_path, tokenizer_args, json_keys, append_eod, chunk_docs) 
 
 
 def _remove_dataset(prefix: str) -> None:
-    for path in (data_file_path(prefix), index_file_path(prefix)):
+    for path in (data_file_path(prefix), index_file_path(prefix), meta_file_path(prefix)):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 

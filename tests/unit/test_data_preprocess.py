@@ -42,7 +42,7 @@ def test_documents_round_trip(corpus, tmp_path):
     for i in (0, 17, 299):
         assert dataset[i][-1] == tokenizer.eod
         assert tokenizer.detokenize(dataset[i][:-1]) == TEXTS[i]
-    assert sorted(os.listdir(tmp_path)) == ["out.bin", "out.idx"]
+    assert sorted(os.listdir(tmp_path)) == ["out.bin", "out.idx", "out.meta.json"]
 
 
 def test_interrupted_run_resumes_to_identical_bytes(corpus, tmp_path):
@@ -56,7 +56,8 @@ def test_interrupted_run_resumes_to_identical_bytes(corpus, tmp_path):
     assert os.stat(tmp_path / "resumed_part0.bin").st_mtime_ns == finished_part  # not re-encoded
     run(corpus, tmp_path / "resumed", chunk_docs=64)
     assert read_bytes(str(tmp_path / "resumed")) == straight
-    assert sorted(os.listdir(tmp_path)) == ["resumed.bin", "resumed.idx", "straight.bin", "straight.idx"]
+    assert sorted(os.listdir(tmp_path)) == ["resumed.bin", "resumed.idx", "resumed.meta.json", "straight.bin",
+                                            "straight.idx", "straight.meta.json"]
 
 
 def test_changed_settings_start_over(corpus, tmp_path):
@@ -64,7 +65,7 @@ def test_changed_settings_start_over(corpus, tmp_path):
     path, model = corpus
     preprocess_data(path, str(tmp_path / "o"), "SentencePieceTokenizer", model, append_eod=False, chunk_docs=200)
     assert IndexedDataset(str(tmp_path / "o"))[0][-1] != 2  # no chunk of the eod run survived
-    assert sorted(os.listdir(tmp_path)) == ["o.bin", "o.idx"]  # nor any stale part
+    assert sorted(os.listdir(tmp_path)) == ["o.bin", "o.idx", "o.meta.json"]  # nor any stale part
 
 
 def test_workers_give_the_same_output(corpus, tmp_path):

@@ -1,6 +1,8 @@
 """Indexed dataset: round trips, merging, vocabulary checks and corruption detection."""
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -104,17 +106,79 @@ def test_bad_magic_and_truncated_index(tmp_path):
     with open(prefix + ".idx", "rb") as handle:
         raw = handle.read()
     with open(prefix + ".idx", "wb") as handle:
-        handle.write(b"MMIDIDX\0" + raw[8:])
-    with pytest.raises(MegahetError, match=r"m\.idx is not a megahet index \(bad magic bytes\); re-run"):
+        handle.write(b"MMIDIDY\0\0" + raw[9:])
+    with pytest.raises(MegahetError, match=r"m\.idx is not a Megatron/megahet index \(bad magic bytes\); re-run"):
         IndexedDataset(prefix)
     with open(prefix + ".idx", "wb") as handle:
         handle.write(raw[:-3])
-    with pytest.raises(MegahetError, match=r"m\.idx is truncated or corrupt: expected \d+ bytes, found"):
+    with pytest.raises(MegahetError, match=r"m\.idx is truncated or corrupt: expected \d+ bytes"):
         IndexedDataset(prefix)
     with open(prefix + ".idx", "wb") as handle:
-        handle.write(raw[:8] + (99).to_bytes(8, "little") + raw[16:])
+        handle.write(raw[:9] + (99).to_bytes(8, "little") + raw[17:])
     with pytest.raises(MegahetError, match="index version 99"):
         IndexedDataset(prefix)
+    with open(prefix + ".idx", "wb") as handle:
+        handle.write(raw[:17] + bytes([6]) + raw[18:])  # float64: not a token type
+    with pytest.raises(MegahetError, match="dtype code 6, not an integer token type"):
+        IndexedDataset(prefix)
+
+
+def test_header_bytes_are_megatrons(tmp_path):
+    """Megatron's layout: magic, version, dtype code (8 = uint16), counts, lengths, pointers, documents."""
+    prefix = write(tmp_path / "h", [[1, 2, 3], [4]], vocab_size=1000)
+    raw = open(prefix + ".idx", "rb").read()
+    assert raw[:9] == b"MMIDIDX\0\0" and raw[9:17] == (1).to_bytes(8, "little") and raw[17] == 8
+    assert raw[18:26] == (2).to_bytes(8, "little") and raw[26:34] == (3).to_bytes(8, "little")
+    assert np.frombuffer(raw, np.int32, 2, 34).tolist() == [3, 1]
+    assert np.frombuffer(raw, np.int64, 2, 42).tolist() == [0, 6]
+    assert np.frombuffer(raw, np.int64, 3, 58).tolist() == [0, 1, 2] and len(raw) == 82
+
+
+def test_multimodal_modes_round_trip(tmp_path):
+    builder = IndexedDatasetBuilder(str(tmp_path / "mm"), dtype=np.int32, multimodal=True)
+    builder.add_item([1, 2], mode=0)
+    builder.add_item([3], mode=1)
+    builder.end_document()
+    ds = IndexedDataset(builder.finalize())
+    assert ds.sequence_modes.tolist() == [0, 1] and ds.document_indices.tolist() == [0, 2]
+    assert ds[1].tolist() == [3]
+
+
+def test_data_without_sidecar_scans_for_the_largest_id(tmp_path):
+    prefix = write(tmp_path / "s", vocab_size=1000)
+    os.unlink(prefix + ".meta.json")
+    ds = IndexedDataset(prefix)
+    assert ds.vocab_size is None and ds.max_token_id == 149
+
+
+def test_stale_sidecar_is_ignored(tmp_path):
+    prefix = write(tmp_path / "st", vocab_size=1000)
+    meta = open(prefix + ".meta.json").read()
+    write(tmp_path / "st", [[1, 2]], dtype=np.int32)  # replaced, e.g. by Megatron's tools
+    open(prefix + ".meta.json", "w").write(meta)
+    ds = IndexedDataset(prefix)
+    assert ds.vocab_size is None and ds.max_token_id == 2
+
+
+def test_legacy_megahet_index_is_refused_then_upgraded(tmp_path):
+    import struct
+    docs = [[5, 6, 7], [1]]
+    prefix = str(tmp_path / "old")
+    tokens = np.asarray([5, 6, 7, 1], dtype=np.uint16)
+    tokens.tofile(prefix + ".bin")
+    header = struct.pack("<8s6Q", b"MHTIDX\0\0", 1, 2, 1000, 8, 2, 2)
+    body = (np.asarray([0, 6], np.int64).tobytes() + np.asarray([0, 1, 2], np.int64).tobytes()
+            + np.asarray([3, 1], np.int32).tobytes())
+    open(prefix + ".idx", "wb").write(header + body)
+    with pytest.raises(MegahetError, match=r"old index format; convert it in place with "
+                                           r"`python tools/preprocess_data.py --upgrade-index"):
+        IndexedDataset(prefix)
+    tool = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "preprocess_data.py")
+    done = subprocess.run([sys.executable, tool, "--upgrade-index", prefix], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    ds = IndexedDataset(prefix)
+    assert [ds[i].tolist() for i in range(2)] == docs and ds.vocab_size == 1000 and ds.max_token_id == 7
+    assert ds.dtype == np.uint16
 
 
 def test_missing_files(tmp_path):
