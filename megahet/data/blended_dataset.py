@@ -1,5 +1,10 @@
-"""Mix several datasets by weight (`--data-path 0.7 A 0.3 B`) in a fixed, evenly interleaved order."""
-import math
+"""Mix several datasets by weight (`--data-path 0.7 A 0.3 B`) in Megatron-Core's order.
+
+Sample n goes to the dataset furthest behind its share (largest w_i * max(n, 1) - c_i, ties to the
+lower index), exactly Megatron-Core 0.16's `build_blending_indices`, so a blend reads the same samples in
+the same order as Megatron; `exhaustive_blending_indices` is its variant for blends weighted by dataset
+size without a target (every sample of every dataset exactly once).
+"""
 
 import numpy as np
 
@@ -42,44 +47,68 @@ def parse_data_path(data_path: "list[str] | str") -> list[tuple[float, str]]:
 
 
 def blending_indices(weights, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Which dataset, and which of its samples, each of `size` blended samples comes from.
+    """Which dataset (int16), and which of its samples (int64), each of `size` blended samples comes from.
 
-    After any n samples dataset i must have supplied c_i with |c_i - w_i * n| < 1, so its j-th sample
-    may go no earlier than step (j - 1) / w_i and no later than step j / w_i. Earliest-deadline-first
-    over these windows meets every deadline (such schedules exist: Tijdeman's chairman assignment
-    theorem), so the guarantee holds for every prefix; ties go to the lower dataset index.
+    `weights` are normalised first (Megatron normalises before blending).
     """
-    weights = [float(w) for w in weights]
+    weights = np.asarray(weights, dtype=np.float64)
+    weights = (weights / weights.sum()).tolist()
     counts = [0] * len(weights)
-    dataset_index = np.empty(size, dtype=np.int32)
+    dataset_index = np.empty(size, dtype=np.int16)
     sample_index = np.empty(size, dtype=np.int64)
-    for n in range(1, size + 1):
-        best, best_deadline = -1, math.inf
-        for i, weight in enumerate(weights):
-            if weight <= 0 or math.floor(counts[i] / weight) + 1 > n:  # not released yet
-                continue
-            deadline = math.ceil((counts[i] + 1) / weight)
-            if deadline < best_deadline:
-                best, best_deadline = i, deadline
-        if best < 0:  # only float rounding can get here: take the dataset furthest behind
-            best = max(range(len(weights)), key=lambda i: weights[i] * n - counts[i])
-        dataset_index[n - 1], sample_index[n - 1] = best, counts[best]
+    for n in range(size):
+        step = float(max(n, 1))
+        best, best_error = 0, weights[0] * step - counts[0]
+        for i in range(1, len(weights)):
+            error = weights[i] * step - counts[i]
+            if error > best_error:
+                best, best_error = i, error
+        dataset_index[n], sample_index[n] = best, counts[best]
         counts[best] += 1
     return dataset_index, sample_index
 
 
-class BlendedDataset:
-    """`size` samples drawn from `datasets` in the proportions `weights` (normalised here)."""
+def exhaustive_blending_indices(sizes) -> tuple[np.ndarray, np.ndarray]:
+    """Every sample of dataset i (sizes[i] of them) exactly once, interleaved in proportion to sizes."""
+    sizes = [int(size) for size in sizes]
+    total = sum(sizes)
+    weights = [size / float(total) for size in sizes]
+    counts = [0] * len(sizes)
+    unspent = [i for i in range(len(sizes)) if sizes[i] > 0]
+    dataset_index = np.empty(total, dtype=np.int16)
+    sample_index = np.empty(total, dtype=np.int64)
+    for n in range(total):
+        step = float(max(n, 1))
+        best = max(unspent, key=lambda i: (weights[i] * step - counts[i], -i))
+        dataset_index[n], sample_index[n] = best, counts[best]
+        counts[best] += 1
+        if counts[best] == sizes[best]:
+            unspent.remove(best)
+    return dataset_index, sample_index
 
-    def __init__(self, datasets: list, weights: list[float], size: int):
+
+class BlendedDataset:
+    """Samples drawn from `datasets` in the proportions `weights`.
+
+    With `size`, `size` samples by `blending_indices` (weights normalised here); with size None,
+    `weights` are integer sample counts and every one of them is used once (`exhaustive_blending_indices`).
+    """
+
+    def __init__(self, datasets: list, weights: list, size: "int | None"):
         if len(datasets) != len(weights) or not datasets:
             raise MegahetError(f"blending needs one weight per dataset, got {len(weights)} weights "
                                f"for {len(datasets)} datasets")
-        total = float(sum(weights))
-        if total <= 0 or any(w < 0 for w in weights):
+        if sum(weights) <= 0 or any(w < 0 for w in weights):
             raise MegahetError(f"blend weights {weights} must be non-negative with a positive sum")
-        self.datasets, self.weights, self.size = datasets, [w / total for w in weights], int(size)
-        self.dataset_index, self.dataset_sample_index = blending_indices(self.weights, self.size)
+        self.datasets = datasets
+        if size is None:
+            self.weights = [int(w) for w in weights]
+            self.dataset_index, self.dataset_sample_index = exhaustive_blending_indices(self.weights)
+        else:
+            total = float(sum(weights))
+            self.weights = [w / total for w in weights]
+            self.dataset_index, self.dataset_sample_index = blending_indices(self.weights, int(size))
+        self.size = len(self.dataset_index)
         for i, dataset in enumerate(datasets):
             used = int((self.dataset_index == i).sum())
             if used > len(dataset):

@@ -1,10 +1,14 @@
-"""GPT pretraining samples with Megatron's semantics, indexed once and cached.
+"""GPT pretraining samples in Megatron-Core's order, indexed once and cached.
 
-The documents of one split are shuffled per epoch (by seed), concatenated, and cut into samples of
-seq_length + 1 tokens (consecutive samples share one token: the last label of one is the first input of
-the next). Sample i starts at token i * seq_length of that stream and is stored as (position in the
-document order, offset) so reading it touches only its own documents. Samples are then shuffled; the
-last epoch is shuffled on its own so the samples a run actually uses cover whole earlier epochs first.
+Sample order matches Megatron-Core 0.16's `GPTDataset` (checked against it in
+tests/interop/test_megatron_samples.py) for the same data, split, seed and sample count: the documents of
+one split are repeated for as many epochs as the requested samples need and shuffled by
+`numpy.random.RandomState(seed)` (the last epoch apart when it would be used for less than 80% of it),
+concatenated and cut into samples of seq_length + 1 tokens (consecutive samples share one token: the last
+label of one is the first input of the next); the samples are then shuffled by the same random state (the
+last epoch's samples apart under the same rule). Sample i starts at token i * seq_length of that stream and
+is stored as (position in the document order, offset), so reading it touches only its own documents.
+RandomState's stream is frozen by numpy, so every machine and numpy version builds the same order.
 """
 import hashlib
 import json
@@ -13,44 +17,77 @@ import os
 
 import numpy as np
 
-from megahet.data import rng
 from megahet.data.cache import atomic_save_npy, atomic_write_json, file_lock
 from megahet.data.indexed_dataset import IndexedDataset
 from megahet.errors import MegahetError
 
 logger = logging.getLogger(__name__)
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: Megatron-Core's sample order
 SPLIT_NAMES = ("train", "valid", "test")
-_DOC_STREAM, _SAMPLE_STREAM = 0, 1 << 40  # rng streams: per-epoch document orders, then sample orders
+DEFAULT_SPLIT = "969,30,1"  # Megatron's --split default
+SEPARATE_LAST_EPOCH_BELOW = 0.80  # Megatron's threshold: a last epoch used less than this is shuffled apart
 
 
 def parse_split(split: str) -> list[float]:
-    """"98,2,0" (or "98/2/0", fewer entries pad with 0) -> three weights that sum to 1."""
+    """"98,2,0" (or "98/2/0"; fewer entries pad with 0) -> three weights that sum to 1 (Megatron's rule)."""
     try:
         weights = [float(part) for part in str(split).replace("/", ",").split(",") if part.strip()]
     except ValueError:
         weights = []
     if not 1 <= len(weights) <= 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
         raise MegahetError(f"--split {split!r} is not valid; give up to three non-negative weights "
-                           f"for train,valid,test such as 98,2,0")
+                           f"for train,valid,test such as 969,30,1")
     weights += [0.0] * (3 - len(weights))
-    total = sum(weights)
-    return [w / total for w in weights]
+    weights = np.asarray(weights, dtype=np.float64)
+    return (weights / weights.sum()).tolist()
 
 
-def split_ranges(num_documents: int, split: str) -> list[tuple[int, int]]:
-    """Document ranges [start, end) of train, valid and test, in document order (Megatron's rounding)."""
-    bounds = [0]
-    for weight in parse_split(split):
-        bounds.append(bounds[-1] + int(round(weight * num_documents)))
-    excess = bounds[-1] - num_documents
-    bounds = [0] + [min(max(b - excess, 0), num_documents) for b in bounds[1:]]
-    return [(bounds[i], max(bounds[i], bounds[i + 1])) for i in range(3)]
+def split_ranges(num_sequences: int, split: str) -> list[tuple[int, int]]:
+    """Sequence ranges [start, end) of train, valid and test (Megatron's bookends and rounding).
+
+    Bookends are cumulative sums of the normalised weights; split i is
+    [round(b_i * n), round(b_{i+1} * n)), empty when its weight is 0.
+    """
+    weights = parse_split(split)
+    bounds = [0.0]
+    for weight in weights:
+        bounds.append(bounds[-1] + weight)
+    ranges = []
+    for i in range(3):
+        if bounds[i + 1] <= bounds[i]:
+            ranges.append((0, 0))
+            continue
+        start = int(round(bounds[i] * float(num_sequences)))
+        end = int(round(bounds[i + 1] * float(num_sequences)))
+        ranges.append((start, max(start, end)))
+    return ranges
+
+
+def _document_order(documents: int, epochs: int, random_state, separate_last: bool) -> np.ndarray:
+    """Document ids 0..documents-1 repeated `epochs` times and shuffled (Megatron's document index)."""
+    if separate_last and epochs > 1:
+        return np.concatenate([_document_order(documents, epochs - 1, random_state, False),
+                               _document_order(documents, 1, random_state, False)])
+    order = np.tile(np.arange(documents, dtype=np.int32), epochs)  # int32 as Megatron's
+    random_state.shuffle(order)
+    return order
+
+
+def _sample_order(first: int, total: int, random_state) -> np.ndarray:
+    """[0, first) shuffled, then [first, total) shuffled (Megatron's shuffle index)."""
+    dtype = np.uint32 if total < np.iinfo(np.uint32).max - 1 else np.int64
+    head = np.arange(first, dtype=dtype)
+    random_state.shuffle(head)
+    if first == total:
+        return head.astype(np.int64)
+    tail = np.arange(first, total, dtype=dtype)
+    random_state.shuffle(tail)
+    return np.concatenate([head, tail]).astype(np.int64)
 
 
 def build_sample_index(lengths: np.ndarray, seq_length: int, seed: int, num_samples: "int | None"):
-    """Index arrays for documents of the given `lengths` (ids 0..D-1).
+    """Index arrays for documents of the given `lengths` (ids 0..D-1), as Megatron-Core builds them.
 
     Returns (doc_index int64[E*D]: document order over E epochs, sample_index int64[N, 2]:
     (position in doc_index, token offset) where each sample starts, shuffle_index int64[N]).
@@ -63,17 +100,20 @@ def build_sample_index(lengths: np.ndarray, seq_length: int, seed: int, num_samp
                            f"{seq_length + 1} tokens; use more data, a smaller --seq-length or change --split")
     needed = 1 + seq_length * (num_samples or 0)
     epochs = max(1, -(-needed // tokens_per_epoch))
-    doc_index = np.concatenate([rng.permutation(len(lengths), seed, _DOC_STREAM + e) for e in range(epochs)])
-    ends = np.cumsum(lengths[doc_index])
     total = (epochs * tokens_per_epoch - 1) // seq_length
+    separate_last, first = False, total
+    if epochs > 1:
+        first = ((epochs - 1) * tokens_per_epoch - 1) // seq_length  # samples before the last epoch
+        per_epoch = (tokens_per_epoch - 1) // seq_length
+        separate_last = num_samples - first < int(SEPARATE_LAST_EPOCH_BELOW * per_epoch)
+    random_state = np.random.RandomState(seed)
+    doc_index = _document_order(len(lengths), epochs, random_state, separate_last).astype(np.int64)
+    ends = np.cumsum(lengths[doc_index])
     starts = np.arange(total, dtype=np.int64) * seq_length
     position = np.searchsorted(ends, starts, side="right")  # first document ending after the start
     offset = starts - (ends[position] - lengths[doc_index[position]])
     sample_index = np.stack([position, offset], axis=1)
-    # Samples that lie entirely in the first epochs-1 epochs are shuffled together, the rest apart.
-    first = ((epochs - 1) * tokens_per_epoch - 1) // seq_length if epochs > 1 else total
-    shuffle_index = np.concatenate([rng.permutation(first, seed, _SAMPLE_STREAM),
-                                    first + rng.permutation(total - first, seed, _SAMPLE_STREAM + 1)])
+    shuffle_index = _sample_order(first if separate_last else total, total, random_state)
     return doc_index, sample_index, shuffle_index
 
 
@@ -88,11 +128,13 @@ class GPTDataset:
         cache_dir: where the index arrays are cached (default: `index_cache/` next to the data); the first
             process builds them under a lock, the others load them.
         eod_id, eod_mask_loss: with eod_mask_loss, positions whose input token is eod get loss_mask 0.
+        pad_id: positions whose label is this id get loss_mask 0 (Megatron's rule; pass None when the
+            tokenizer's pad id doubles as another special id, as Megatron then disables it).
     """
 
     def __init__(self, indexed: IndexedDataset, documents: tuple[int, int], seq_length: int, seed: int,
                  num_samples: "int | None", name: str = "train", cache_dir: "str | None" = None,
-                 eod_id: "int | None" = None, eod_mask_loss: bool = False):
+                 eod_id: "int | None" = None, eod_mask_loss: bool = False, pad_id: "int | None" = None):
         if seq_length < 1:
             raise MegahetError(f"--seq-length must be >= 1, got {seq_length}")
         if eod_mask_loss and eod_id is None:
@@ -103,7 +145,7 @@ class GPTDataset:
             raise MegahetError(f"document range {self.documents} is outside {indexed.path_prefix} "
                                f"({len(indexed)} sequences); fix the split")
         self.seq_length, self.seed, self.num_samples = seq_length, seed, num_samples
-        self.eod_id, self.eod_mask_loss = eod_id, eod_mask_loss
+        self.eod_id, self.eod_mask_loss, self.pad_id = eod_id, eod_mask_loss, pad_id
         self._lengths = indexed.sequence_lengths[self.documents[0]:self.documents[1]]
         self.doc_index, self.sample_index, self.shuffle_index = self._load_or_build(cache_dir)
 
@@ -164,4 +206,6 @@ class GPTDataset:
         loss_mask = np.ones(self.seq_length, dtype=np.float32)  # [seq]
         if self.eod_mask_loss:
             loss_mask[tokens == self.eod_id] = 0.0
+        if self.pad_id is not None:
+            loss_mask[sample[1:] == self.pad_id] = 0.0
         return {"tokens": tokens, "labels": sample[1:], "loss_mask": loss_mask}
