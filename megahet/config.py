@@ -8,8 +8,10 @@ override them. Every field name is unique across sections so a flag maps to exac
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import difflib
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Optional
@@ -45,6 +47,12 @@ class ModelConfig:
     swiglu: bool = _f(True, "SwiGLU MLP (otherwise GeLU).")
     position_embedding_type: str = _f("rope", "Position embedding.", choices=["rope", "learned_absolute"])
     rotary_base: float = _f(10000.0, "RoPE base frequency.")
+    use_rope_scaling: bool = _f(False, "Llama 3 RoPE frequency scaling (HF rope_scaling type llama3).")
+    rope_scaling_factor: float = _f(8.0, "Llama 3 RoPE scaling factor.")
+    rope_scaling_low_freq_factor: float = _f(1.0, "Llama 3 RoPE scaling low-frequency factor.")
+    rope_scaling_high_freq_factor: float = _f(4.0, "Llama 3 RoPE scaling high-frequency factor.")
+    rope_scaling_original_max_position_embeddings: int = _f(8192, "Context length the Llama 3 RoPE scaling is relative to.")
+    qk_layernorm: bool = _f(False, "Normalize each query and key head (per-head norm over kv-channels, Qwen3).")
     untie_embeddings_and_output_weights: bool = _f(False, "Separate input embedding and output layer weights.")
     disable_bias_linear: bool = _f(True, "No biases in linear layers (Llama style).")
     init_method_std: float = _f(0.02, "Standard deviation of weight initialisation.")
@@ -53,7 +61,7 @@ class ModelConfig:
     moe_router_topk: int = _f(2, "Experts per token.")
     moe_ffn_hidden_size: Optional[int] = _f(None, "Hidden size of each routed expert (default ffn-hidden-size).")
     moe_shared_expert_intermediate_size: Optional[int] = _f(None, "Hidden size of the shared expert (None: no shared expert).")
-    moe_layer_freq: int = _f(1, "Every N-th layer is MoE (1: all layers).")
+    moe_layer_freq: object = _f(1, "Every N-th layer is MoE (layer % N == 0), or a 0/1 per layer such as [0,1,1,1] or ([0]+[1]*3).", kind="layerfreq")
     moe_router_score_function: str = _f("softmax", "Router scores.", choices=["softmax", "sigmoid"])
     moe_router_pre_softmax: bool = _f(False, "Softmax over all experts before top-k (Mixtral routing is top-k then softmax).")
     moe_router_num_groups: Optional[int] = _f(None, "Expert groups for group-limited routing.")
@@ -125,10 +133,14 @@ class TrainConfig:
 class DataConfig:
     """Where samples come from."""
     data_path: Optional[list] = _f(None, "Dataset prefixes, optionally weighted: 0.7 A 0.3 B.", kind="strlist")
-    split: str = _f("98,2,0", "Train,valid,test split of documents.")
+    split: str = _f("969,30,1", "Train,valid,test split of each dataset's sequences (Megatron's default).")
+    train_data_path: Optional[list] = _f(None, "Training blend used instead of --data-path/--split.", kind="strlist")
+    valid_data_path: Optional[list] = _f(None, "Validation blend used instead of --data-path/--split.", kind="strlist")
+    test_data_path: Optional[list] = _f(None, "Test blend used instead of --data-path/--split.", kind="strlist")
     mock_data: bool = _f(False, "Deterministic synthetic tokens, no files.")
-    tokenizer_type: str = _f("SentencePieceTokenizer", "Tokenizer.", choices=["SentencePieceTokenizer", "NullTokenizer"])
-    tokenizer_model: Optional[str] = _f(None, "SentencePiece model file.")
+    tokenizer_type: str = _f("SentencePieceTokenizer", "Tokenizer.",
+                             choices=["SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer"])
+    tokenizer_model: Optional[str] = _f(None, "SentencePiece model file, or a Hugging Face tokenizer directory / tokenizer.json.")
     data_cache_path: Optional[str] = _f(None, "Where sample indices and the built-in corpus are cached (default ~/.cache/megahet).")
     builtin_vocab_size: int = _f(8000, "Vocabulary of the tokenizer trained on the built-in corpus.")
     eod_mask_loss: bool = _f(False, "Mask the loss of end-of-document tokens.")
@@ -217,6 +229,8 @@ def _coerce(name: str, value, tp, meta):
     base = _base_type(tp)
     kind = meta.get("kind")
     try:
+        if kind == "layerfreq":
+            return parse_layer_freq(value)
         if kind == "intlist":
             if isinstance(value, str):
                 value = [v for v in value.replace(" ", "").split(",") if v]
@@ -245,6 +259,31 @@ def _coerce(name: str, value, tp, meta):
         raise MegahetError(f"config field '{name}' got {value!r}, which is not a valid {getattr(base, '__name__', base)}; "
                            f"fix --{name.replace('_', '-')}") from None
     return value
+
+
+def parse_layer_freq(value):
+    """--moe-layer-freq: an int N, or a 0/1 list given as a list, "[0,1,1]" or Megatron's "([0]+[1]*3)"."""
+    if isinstance(value, str):
+        value = _list_expression(ast.parse(value.strip(), mode="eval").body)
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, (list, tuple)) and all(v in (0, 1) and not isinstance(v, bool) for v in value):
+        return [int(v) for v in value]
+    raise ValueError(value)
+
+
+def _list_expression(node):
+    """Evaluate ints, lists of ints, + and * only (Megatron writes patterns as python expressions)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, int):
+        return node.value
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_list_expression(e) for e in node.elts]
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+        left, right = _list_expression(node.left), _list_expression(node.right)
+        return left + right if isinstance(node.op, ast.Add) else left * right
+    raise ValueError("not a layer pattern")
 
 
 def load_yaml(path: str) -> dict:
@@ -293,7 +332,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
             elif base is bool:
                 kw["action"] = argparse.BooleanOptionalAction
             else:
-                kw["type"] = str if meta.get("kind") == "intlist" else base
+                kw["type"] = str if meta.get("kind") in ("intlist", "layerfreq") else base
                 if "choices" in meta:
                     kw["choices"] = [c for c in meta["choices"] if c is not None]
             grp.add_argument(flag, **kw)
@@ -394,6 +433,10 @@ def validate_config(cfg: MegahetConfig, world_size: Optional[int] = None) -> Non
         _err(f"--ffn-hidden-size {m.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
     if m.position_embedding_type == "rope" and m.kv_channels % 2:
         _err(f"RoPE needs an even head dimension, got {m.kv_channels}; change --hidden-size or --num-attention-heads")
+    if m.use_rope_scaling and (m.rope_scaling_factor <= 0 or
+                               m.rope_scaling_high_freq_factor <= m.rope_scaling_low_freq_factor):
+        _err("--use-rope-scaling needs --rope-scaling-factor > 0 and --rope-scaling-high-freq-factor > "
+             "--rope-scaling-low-freq-factor")
     if m.max_position_embeddings < m.seq_length:
         _err(f"--seq-length {m.seq_length} exceeds --max-position-embeddings {m.max_position_embeddings}")
     if p.sequence_parallel and m.seq_length % tp:
@@ -411,6 +454,17 @@ def validate_config(cfg: MegahetConfig, world_size: Optional[int] = None) -> Non
                 _err(f"--moe-router-num-groups {m.moe_router_num_groups} must divide --num-experts {m.num_experts}")
             if not m.moe_router_group_topk or m.moe_router_group_topk > m.moe_router_num_groups:
                 _err("--moe-router-group-topk must be set and at most --moe-router-num-groups")
+            per_group = m.num_experts // m.moe_router_num_groups
+            if m.moe_router_topk // m.moe_router_group_topk > per_group or \
+                    m.moe_router_topk > m.moe_router_group_topk * per_group:
+                _err(f"--moe-router-topk {m.moe_router_topk} with --moe-router-group-topk {m.moe_router_group_topk} "
+                     f"needs topk // group-topk <= {per_group} experts per group and topk <= group-topk x {per_group}; "
+                     f"select more groups or fewer experts")
+        if isinstance(m.moe_layer_freq, list) and len(m.moe_layer_freq) != m.num_layers:
+            _err(f"--moe-layer-freq lists {len(m.moe_layer_freq)} layers but --num-layers is {m.num_layers}; "
+                 f"give one 0/1 per layer")
+        if isinstance(m.moe_layer_freq, int) and m.moe_layer_freq < 1:
+            _err(f"--moe-layer-freq must be >= 1 or a 0/1 list, got {m.moe_layer_freq}")
         if m.moe_ffn_hidden_size % tp:
             _err(f"--moe-ffn-hidden-size {m.moe_ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
     elif ep > 1:
@@ -428,7 +482,16 @@ def validate_config(cfg: MegahetConfig, world_size: Optional[int] = None) -> Non
         if sum(p.pipeline_layers) != m.num_layers:
             _err(f"--pipeline-layers {','.join(map(str, p.pipeline_layers))} sums to {sum(p.pipeline_layers)}, "
                  f"not --num-layers {m.num_layers}; make them agree")
-    if not d.mock_data and d.tokenizer_type == "NullTokenizer" and d.data_path is None:
+    split_paths = d.train_data_path or d.valid_data_path or d.test_data_path
+    if split_paths and d.data_path:
+        _err("--data-path and --train-data-path/--valid-data-path/--test-data-path are exclusive; give one or the other")
+    if split_paths and not d.train_data_path and not d.mock_data:
+        _err("--valid-data-path/--test-data-path need --train-data-path too")
+    if d.tokenizer_model is not None and not os.path.exists(d.tokenizer_model):  # even where it is unused
+        _err(f"--tokenizer-model {d.tokenizer_model} does not exist; pass an existing file or directory")
+    if d.tokenizer_type == "HuggingFaceTokenizer" and not d.tokenizer_model and not d.mock_data:
+        _err("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR_OR_TOKENIZER_JSON")
+    if not d.mock_data and d.tokenizer_type == "NullTokenizer" and d.data_path is None and not split_paths:
         _err("--tokenizer-type NullTokenizer without --data-path needs --mock-data")
     if d.tokenizer_type == "NullTokenizer" and m.vocab_size is None:
         _err("--tokenizer-type NullTokenizer needs --vocab-size")

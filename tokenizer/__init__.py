@@ -1,4 +1,4 @@
-"""Tokenizers (installed as megahet.tokenizer): sentencepiece for text, a null tokenizer for mock data."""
+"""Tokenizers (installed as megahet.tokenizer): sentencepiece or Hugging Face for text, a null tokenizer for mock data."""
 from megahet.tokenizer.base import AbstractTokenizer
 from megahet.tokenizer.builder import TOKENIZER_TYPES, build_tokenizer, padded_vocab_size
 from megahet.tokenizer.null_tokenizer import NullTokenizer

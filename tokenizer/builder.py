@@ -6,14 +6,14 @@ from megahet.tokenizer.base import AbstractTokenizer
 
 logger = logging.getLogger(__name__)
 
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "NullTokenizer")
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
 
 
 def build_tokenizer(tokenizer_type: str, tokenizer_model: "str | None" = None,
                     vocab_size: "int | None" = None) -> AbstractTokenizer:
     """Return the tokenizer named by `tokenizer_type` (Megatron's --tokenizer-type names).
 
-    SentencePieceTokenizer needs `tokenizer_model`; NullTokenizer needs `vocab_size`.
+    SentencePieceTokenizer and HuggingFaceTokenizer need `tokenizer_model`; NullTokenizer needs `vocab_size`.
     """
     if tokenizer_type == "SentencePieceTokenizer":
         if not tokenizer_model:
@@ -21,6 +21,11 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: "str | None" = None,
                                "or run tools/train_tokenizer.py")
         from megahet.tokenizer.sentencepiece_tokenizer import SentencePieceTokenizer
         return SentencePieceTokenizer(tokenizer_model)
+    if tokenizer_type == "HuggingFaceTokenizer":
+        if not tokenizer_model:
+            raise MegahetError("HuggingFaceTokenizer needs its files; pass --tokenizer-model DIR_OR_TOKENIZER_JSON")
+        from megahet.tokenizer.huggingface_tokenizer import HuggingFaceTokenizer
+        return HuggingFaceTokenizer(tokenizer_model)
     if tokenizer_type == "NullTokenizer":
         if vocab_size is None:
             raise MegahetError("NullTokenizer needs a vocabulary size; pass --vocab-size")

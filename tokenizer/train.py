@@ -109,3 +109,43 @@ def train_sentencepiece(inputs: "Iterable[str] | str", model_prefix: str, vocab_
     atomic_write_bytes(model_prefix + ".model", model.getvalue())  # last: its presence means both exist
     logger.info("trained tokenizer %s.model (vocab %d) on %d lines", model_prefix, vocab_size, len(lines))
     return model_prefix + ".model"
+
+
+HF_EOS, HF_PAD = "<|endoftext|>", "<|pad|>"
+
+
+def train_huggingface_bpe(inputs: "Iterable[str] | str", output_dir: str, vocab_size: int, *,
+                          json_keys=("text",)) -> str:
+    """Train a byte-level BPE with the `tokenizers` library; writes `output_dir/tokenizer.json` and a
+    `tokenizer_config.json` naming eos `<|endoftext|>` (id 0) and pad `<|pad|>` (id 1), which
+    `--tokenizer-type HuggingFaceTokenizer --tokenizer-model output_dir` loads. Returns output_dir.
+    Inputs are read as for `train_sentencepiece`.
+    """
+    try:
+        import tokenizers
+    except ImportError:
+        raise MegahetError("training a Hugging Face tokenizer needs the tokenizers package; "
+                           "pip install tokenizers") from None
+    from megahet.data.cache import atomic_write_bytes, atomic_write_json
+
+    lines = list(_sentences(inputs, json_keys))
+    if not lines:
+        raise MegahetError("tokenizer training input has no text; pass non-empty files to --input")
+    minimum = 2 + len(tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    if not isinstance(vocab_size, int) or vocab_size < minimum:
+        raise MegahetError(f"tokenizer vocab_size {vocab_size} is too small; byte-level BPE needs at least "
+                           f"{minimum} (pass a larger --vocab-size)")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[HF_EOS, HF_PAD],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+                                             show_progress=False)
+    tok.train_from_iterator(lines, trainer=trainer)
+    os.makedirs(output_dir, exist_ok=True)
+    atomic_write_json(os.path.join(output_dir, "tokenizer_config.json"),
+                      {"eos_token": HF_EOS, "pad_token": HF_PAD, "tokenizer_class": "PreTrainedTokenizerFast",
+                       "model_max_length": 1 << 30})
+    atomic_write_bytes(os.path.join(output_dir, "tokenizer.json"), tok.to_str().encode("utf-8"))
+    logger.info("trained tokenizer %s (vocab %d) on %d lines", output_dir, tok.get_vocab_size(), len(lines))
+    return output_dir

@@ -1,8 +1,11 @@
 #!/usr/bin/env python
-"""Train a sentencepiece tokenizer (byte-fallback BPE, fixed special ids) for megahet.
+"""Train a tokenizer for megahet: sentencepiece (byte-fallback BPE, fixed special ids) or a Hugging Face
+byte-level BPE (tokenizer.json).
 
-Example:
+Examples:
     python tools/train_tokenizer.py --input data/corpus.jsonl --model-prefix data/tok --vocab-size 32000
+    python tools/train_tokenizer.py --tokenizer-type HuggingFaceTokenizer --input data/corpus.jsonl \
+        --model-prefix data/hf_tok --vocab-size 32000     # writes the directory data/hf_tok/
 """
 import argparse
 import logging
@@ -10,13 +13,18 @@ import sys
 
 from megahet.errors import MegahetError
 from megahet.tokenizer import train_sentencepiece
+from megahet.tokenizer.train import train_huggingface_bpe
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", nargs="+", required=True,
                         help="text files (.txt: lines; .jsonl/.json: the --json-keys fields of each record)")
-    parser.add_argument("--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
+    parser.add_argument("--tokenizer-type", default="SentencePieceTokenizer",
+                        choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"])
+    parser.add_argument("--model-prefix", required=True,
+                        help="writes PREFIX.model and PREFIX.vocab (sentencepiece) or the directory PREFIX/ "
+                             "(Hugging Face)")
     parser.add_argument("--vocab-size", type=int, required=True)
     parser.add_argument("--json-keys", nargs="+", default=["text"])
     parser.add_argument("--input-sentence-size", type=int, default=1_000_000,
@@ -31,12 +39,15 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     try:
+        if args.tokenizer_type == "HuggingFaceTokenizer":
+            print(train_huggingface_bpe(args.input, args.model_prefix, args.vocab_size, json_keys=args.json_keys))
+            return 0
         path = train_sentencepiece(args.input, args.model_prefix, args.vocab_size, json_keys=args.json_keys,
                                    input_sentence_size=args.input_sentence_size,
                                    character_coverage=args.character_coverage, num_threads=args.num_threads,
                                    seed=args.seed)
     except MegahetError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"megahet error: {error}", file=sys.stderr)
         return 2
     print(path)
     return 0

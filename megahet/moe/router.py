@@ -45,6 +45,10 @@ def group_limited_topk(scores: torch.Tensor, topk: int, num_groups: int, group_t
     """
     n, e = scores.shape
     per_group = max(1, topk // group_topk)
+    if per_group > e // num_groups or topk > group_topk * (e // num_groups):
+        raise MegahetError(f"group-limited routing needs topk // group_topk ({topk} // {group_topk}) <= experts per "
+                           f"group ({e // num_groups}) and topk <= group_topk * experts per group; fix "
+                           f"--moe-router-topk/--moe-router-group-topk/--moe-router-num-groups")
     grouped = scores.view(n, num_groups, e // num_groups)  # [N, G, E/G]
     group_scores = grouped.topk(per_group, dim=-1).values.sum(dim=-1)  # [N, G]
     group_idx = group_scores.topk(group_topk, dim=-1).indices  # [N, group_topk]
@@ -59,10 +63,10 @@ def route(logits: torch.Tensor, topk: int, score_function: str = "softmax", pre_
     """Pick `topk` experts per token and their combination weights.
 
     Selection uses scores (+ `expert_bias`, aux-loss-free balancing: it steers selection only and
-    never enters the weights). Weights: sigmoid scores of the chosen experts renormalised (when
-    topk > 1); softmax with `pre_softmax` keeps the chosen softmax probabilities as they are; softmax
-    without it renormalises them over the top-k (Mixtral / Megatron's top-k-then-softmax). Then
-    times `scaling_factor`.
+    never enters the weights). Weights: the chosen scores renormalised over the top-k (softmax: Mixtral /
+    Megatron's top-k-then-softmax; sigmoid: when topk > 1), or, with `pre_softmax` ("pre-softmax /
+    pre-sigmoid" routing in Megatron's help), the chosen softmax or sigmoid scores as they are (HF's
+    norm_topk_prob=False). Then times `scaling_factor`.
 
     Args:
         logits: [N, E] router logits.
@@ -76,7 +80,7 @@ def route(logits: torch.Tensor, topk: int, score_function: str = "softmax", pre_
     else:
         indices = select.topk(topk, dim=-1).indices  # [N, k]
     weights = scores.gather(1, indices)  # [N, k]
-    renormalise = (score_function == "sigmoid" and topk > 1) or (score_function == "softmax" and not pre_softmax)
+    renormalise = not pre_softmax and (score_function == "softmax" or topk > 1)
     if renormalise:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + (1e-20 if score_function == "sigmoid" else 0.0))
     if scaling_factor:

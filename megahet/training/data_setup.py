@@ -26,7 +26,10 @@ class DataSetup:
 def build_data(cfg: MegahetConfig, ctx: ParallelContext, train_iters: int) -> DataSetup:
     d, m, t = cfg.data, cfg.model, cfg.train
     data_path, tokenizer_model, tokenizer_type = d.data_path, d.tokenizer_model, d.tokenizer_type
-    if not d.mock_data and not data_path:
+    split_paths = None
+    if d.train_data_path or d.valid_data_path or d.test_data_path:
+        split_paths = (d.train_data_path, d.valid_data_path, d.test_data_path)
+    if not d.mock_data and not data_path and split_paths is None:
         # No data given: the built-in corpus (stdlib documentation), built once and cached.
         from megahet.data.corpus import ensure_builtin_corpus
         if ctx.rank != 0:
@@ -43,8 +46,11 @@ def build_data(cfg: MegahetConfig, ctx: ParallelContext, train_iters: int) -> Da
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, m.vocab_size)
     vocab = tokenizer.vocab_size
     padded = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, ctx.tp)
-    eval_samples = t.eval_iters * t.global_batch_size if t.eval_interval else 0
+    # Megatron's valid size (every evaluation of the run), so the valid samples are Megatron's too; each
+    # evaluation here reads the first eval_iters batches. The test split is never read, so never built.
+    eval_samples = (train_iters // t.eval_interval + 1) * t.eval_iters * t.global_batch_size if t.eval_interval else 0
     train, valid, test = build_datasets(data_path, d.split, m.seq_length, t.seed,
                                         (train_iters * t.global_batch_size, eval_samples, 0), tokenizer,
-                                        mock=d.mock_data, cache_dir=d.data_cache_path, eod_mask_loss=d.eod_mask_loss)
+                                        mock=d.mock_data, cache_dir=d.data_cache_path, eod_mask_loss=d.eod_mask_loss,
+                                        split_data_paths=split_paths)
     return DataSetup(tokenizer, vocab, padded, train, valid, test)

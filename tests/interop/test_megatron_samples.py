@@ -12,6 +12,7 @@ from megahet.tokenizer import NullTokenizer
 from tests.interop.mcore import mcore
 
 SEQ, VOCAB = 16, 1000
+pytestmark = pytest.mark.filterwarnings("ignore:The pad token id in the tokenizer collides")
 
 
 class MegatronTokenizer:
@@ -64,6 +65,7 @@ def weighted(prefixes, weights):
 @pytest.mark.parametrize("case", ["one-epoch", "epochs-joint-last", "epochs-separate-last", "blend",
                                   "blend-by-size", "three-way-blend"])
 def test_same_samples_as_megatron(prefixes, tmp_path, case):
+    # Every split with a weight must be non-empty for each dataset: Megatron-Core loops forever on an empty one.
     a = prefixes[0]
     tokens_a = int(np.fromfile(a + ".bin", dtype=np.uint16).size)
     per_epoch = int(tokens_a * 0.9 - 1) // SEQ  # about one epoch of the train split
@@ -71,7 +73,7 @@ def test_same_samples_as_megatron(prefixes, tmp_path, case):
         "one-epoch": ([a], "90,8,2", (per_epoch // 2, 10, 0), 3),
         "epochs-joint-last": ([a], "90,8,2", (int(per_epoch * 2.9), 30, 0), 5),
         "epochs-separate-last": ([a], "90,8,2", (int(per_epoch * 2.2), 30, 0), 5),
-        "blend": (weighted(prefixes[:2], [0.3, 0.7]), "969,30,1", (700, 40, 0), 7),
+        "blend": (weighted(prefixes[:2], [0.3, 0.7]), "96,3,1", (700, 40, 0), 7),
         "blend-by-size": (prefixes[:2], "80,20,0", (200, 30, 0), 11),
         "three-way-blend": (weighted(prefixes, [2, 5, 3]), "90,8,2", (900, 50, 0), 13),
     }[case]

@@ -81,11 +81,14 @@ def test_many_epochs_when_more_samples_are_needed(tmp_path):
     ds = dataset(indexed, tmp_path, num_samples=3 * tokens // SEQ)
     epochs = len(ds.doc_index) // 10
     assert epochs >= 3 and len(ds) >= 3 * tokens // SEQ
-    for e in range(epochs):  # every epoch is a full permutation of the documents
-        assert sorted(ds.doc_index[e * 10:(e + 1) * 10].tolist()) == list(range(10))
-    # the last epoch is shuffled separately: early samples come from the complete epochs
-    first = ((epochs - 1) * tokens - 1) // SEQ
-    assert sorted(ds.shuffle_index[:first].tolist()) == list(range(first))
+    # Megatron shuffles all epochs' documents together: each document appears once per epoch
+    assert np.bincount(ds.doc_index, minlength=10).tolist() == [epochs] * 10
+    assert sorted(ds.shuffle_index.tolist()) == list(range(len(ds)))
+    # a last epoch used for less than 80% is shuffled apart: early samples come from the complete epochs
+    few = dataset(indexed, tmp_path, num_samples=(2 * tokens + tokens // 10) // SEQ)
+    assert len(few.doc_index) == 30 and sorted(few.doc_index[20:].tolist()) == list(range(10))
+    first = (2 * tokens - 1) // SEQ
+    assert sorted(few.shuffle_index[:first].tolist()) == list(range(first))
 
 
 def test_split_documents(tmp_path):
@@ -109,9 +112,10 @@ def test_eod_mask_loss(tmp_path):
 def test_parse_split_and_ranges():
     assert parse_split("98,2,0") == pytest.approx([0.98, 0.02, 0.0])
     assert parse_split("1/1") == pytest.approx([0.5, 0.5, 0.0])
-    assert split_ranges(1000, "98,2,0") == [(0, 980), (980, 1000), (1000, 1000)]
-    assert split_ranges(10, "1,1,1") == [(0, 4), (4, 7), (7, 10)]  # Megatron: the first split absorbs rounding
-    assert split_ranges(7, "100,0,0") == [(0, 7), (7, 7), (7, 7)]
+    assert split_ranges(1000, "98,2,0") == [(0, 980), (980, 1000), (0, 0)]
+    assert split_ranges(10, "1,1,1") == [(0, 3), (3, 7), (7, 10)]  # Megatron: round each bookend
+    assert split_ranges(7, "100,0,0") == [(0, 7), (0, 0), (0, 0)]
+    assert split_ranges(1000, "969,30,1") == [(0, 969), (969, 999), (999, 1000)]
     for bad in ("", "a,b", "1,-1", "0,0,0", "1,1,1,1"):
         with pytest.raises(MegahetError, match="--split"):
             parse_split(bad)
