@@ -264,7 +264,10 @@ def _coerce(name: str, value, tp, meta):
 def parse_layer_freq(value):
     """--moe-layer-freq: an int N, or a 0/1 list given as a list, "[0,1,1]" or Megatron's "([0]+[1]*3)"."""
     if isinstance(value, str):
-        value = _list_expression(ast.parse(value.strip(), mode="eval").body)
+        try:
+            value = _list_expression(ast.parse(value.strip(), mode="eval").body)
+        except SyntaxError:
+            raise ValueError(value) from None
     if isinstance(value, bool):
         raise ValueError(value)
     if isinstance(value, int):

@@ -95,7 +95,7 @@ class GPTModel(nn.Module):
                 layer.self_attention.recompute_core = True
         self.rope = None
         if cfg.position_embedding_type == "rope":
-            self.rope = rotary_tables(cfg.max_position_embeddings, cfg.kv_channels, cfg.rotary_base, device)
+            self.rope = rotary_tables(cfg.max_position_embeddings, cfg.kv_channels, cfg.rotary_base, device, cfg)
         if post_process:
             self.decoder.final_layernorm = Norm(cfg, ctx, self.sequence_parallel, dtype, device)
             # Tied and the embedding lives on another stage: keep a copy initialised identically,

@@ -25,14 +25,16 @@ class Norm(nn.Module):
     sequence shard, so the weights are flagged `sequence_parallel` and their grads are summed over TP.
     """
 
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, sequence_parallel: bool, dtype, device):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, sequence_parallel: bool, dtype, device,
+                 size: Optional[int] = None):
         super().__init__()
+        size = size or cfg.hidden_size
         self.kind, self.eps, self.kernels = cfg.normalization, cfg.norm_epsilon, ctx.kernels
-        self.weight = nn.Parameter(torch.ones(cfg.hidden_size, dtype=dtype, device=device))
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device))
         self.weight.sequence_parallel = sequence_parallel
         self.bias = None
         if self.kind == "LayerNorm":
-            self.bias = nn.Parameter(torch.zeros(cfg.hidden_size, dtype=dtype, device=device))
+            self.bias = nn.Parameter(torch.zeros(size, dtype=dtype, device=device))
             self.bias.sequence_parallel = sequence_parallel
 
     def forward(self, x):
@@ -54,9 +56,29 @@ def ffn_activation(h: torch.Tensor, swiglu: bool, kernels) -> torch.Tensor:
     return F.gelu(h)
 
 
-def rotary_tables(seq_len: int, dim: int, base: float, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [s, 1, 1, d] (fp32) for the rotate-half RoPE convention (HF Llama compatible)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+def llama3_scaled_frequencies(inv_freq: torch.Tensor, factor: float, low_freq_factor: float,
+                              high_freq_factor: float, original_max_positions: int) -> torch.Tensor:
+    """Llama 3 RoPE scaling (HF rope_scaling type "llama3"): long wavelengths are divided by `factor`,
+    short ones kept, the band between interpolated smoothly. [d/2] -> [d/2]."""
+    low_freq_wavelen = original_max_positions / low_freq_factor
+    high_freq_wavelen = original_max_positions / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_max_positions / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotary_tables(seq_len: int, dim: int, base: float, device,
+                  cfg: Optional[ModelConfig] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [s, 1, 1, d] (fp32) for the rotate-half RoPE convention (HF Llama compatible), with
+    Llama 3 frequency scaling when `cfg.use_rope_scaling`."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    if cfg is not None and cfg.use_rope_scaling:
+        inv_freq = llama3_scaled_frequencies(inv_freq, cfg.rope_scaling_factor, cfg.rope_scaling_low_freq_factor,
+                                             cfg.rope_scaling_high_freq_factor,
+                                             cfg.rope_scaling_original_max_position_embeddings)
     t = torch.arange(seq_len, dtype=torch.float32, device=device)
     freqs = torch.outer(t, inv_freq)  # [s, d/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [s, d]
@@ -91,6 +113,10 @@ class SelfAttention(nn.Module):
                                              group=ctx.tp_group, name=f"{prefix}.linear_proj", seed=seed,
                                              init_std=out_std, bias=bias, sequence_parallel=sequence_parallel,
                                              dtype=dtype, device=device)
+        self.q_layernorm = self.k_layernorm = None
+        if cfg.qk_layernorm:  # one weight shared by all heads; TP ranks see different heads, so sum grads
+            self.q_layernorm = Norm(cfg, ctx, tp > 1, dtype, device, size=self.head_dim)
+            self.k_layernorm = Norm(cfg, ctx, tp > 1, dtype, device, size=self.head_dim)
         self.recompute_core = False
 
     def _core(self, q, k, v):
@@ -106,6 +132,8 @@ class SelfAttention(nn.Module):
         q = q.reshape(s, b, self.heads_local, self.head_dim)  # [s, b, nq/tp, d]
         k = k.reshape(s, b, self.groups_local, self.head_dim)  # [s, b, nkv/tp, d]
         v = v.reshape(s, b, self.groups_local, self.head_dim)
+        if self.q_layernorm is not None:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)  # per head, over d
         if self.use_rope:
             cos, sin = rope
             q = self.kernels.apply_rotary(q, cos[:s], sin[:s])
@@ -142,8 +170,13 @@ class MLP(nn.Module):
 
 
 def is_moe_layer(cfg: ModelConfig, layer_number: int) -> bool:
-    """Layer `layer_number` (0-based, global) is MoE every `moe_layer_freq` layers."""
-    return bool(cfg.num_experts) and layer_number % max(1, cfg.moe_layer_freq) == 0
+    """Layer `layer_number` (0-based, global) is MoE every `moe_layer_freq` layers, or where the
+    `moe_layer_freq` list (one 0/1 per layer, Megatron's list form) has a 1."""
+    if not cfg.num_experts:
+        return False
+    if isinstance(cfg.moe_layer_freq, list):
+        return bool(cfg.moe_layer_freq[layer_number])
+    return layer_number % max(1, cfg.moe_layer_freq) == 0
 
 
 class TransformerLayer(nn.Module):

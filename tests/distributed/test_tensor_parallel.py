@@ -32,3 +32,17 @@ def test_learned_positions_layernorm_gelu_untied_bias(tmp_path):
     ref = run_distributed(run_tp, 1, 1, False, over, timeout=60)[0]
     got = run_distributed(run_tp, 2, 2, True, over, timeout=60)[0]
     _compare(ref, got)
+
+
+def test_qk_layernorm_rope_scaling_moe_pattern(tmp_path):
+    """Issue 11's model features under TP2 + SP: per-head q/k norms (their grads summed over TP),
+    Llama 3 RoPE scaling, a list-form MoE layer pattern and sigmoid routing without renormalisation."""
+    over = dict(qk_layernorm=True, use_rope_scaling=True, rope_scaling_factor=4.0,
+                rope_scaling_original_max_position_embeddings=8, num_experts=4, moe_router_topk=2,
+                moe_layer_freq=[0, 1], moe_router_score_function="sigmoid", moe_router_pre_softmax=True)
+    ref = run_distributed(run_tp, 1, 1, False, over, timeout=60)[0]
+    got = run_distributed(run_tp, 2, 2, True, over, timeout=90)[0]
+    assert any("q_layernorm" in name for name in ref["weights"])
+    assert any("experts" in name for name in ref["weights"] if ".1." in name)
+    assert not any("experts" in name for name in ref["weights"] if ".0." in name)
+    _compare(ref, got)

@@ -1,6 +1,8 @@
 """Router math (top-k, scores, groups, bias, scaling, capacity) and aux losses against plain references."""
 import math
 
+from megahet.errors import MegahetError
+
 import pytest
 import torch
 
@@ -175,3 +177,34 @@ def test_attach_aux_loss_adds_scaled_aux_gradient():
     torch.testing.assert_close(got, logits.grad)
     out = attach_aux_loss(probs.detach(), aux.detach(), scale)
     assert torch.equal(out, probs.detach())  # forward is the identity
+
+
+def test_sigmoid_pre_softmax_keeps_scores_unnormalised():
+    from megahet.moe.router import route
+    logits = torch.randn(6, 8)
+    weights, indices = route(logits, 3, "sigmoid", pre_softmax=True)
+    torch.testing.assert_close(weights, torch.sigmoid(logits).gather(1, indices))
+    normalised, _ = route(logits, 3, "sigmoid")
+    torch.testing.assert_close(normalised.sum(-1), torch.ones(6))
+
+
+def test_group_topk_larger_than_a_group_is_a_config_error():
+    from megahet.config import build_config
+    from megahet.moe.router import group_limited_topk
+    with pytest.raises(MegahetError, match="topk // group_topk"):
+        group_limited_topk(torch.randn(4, 8), 6, 4, 2)  # 6 // 2 = 3 > 2 experts per group
+    with pytest.raises(MegahetError, match="--moe-router-topk 6 with --moe-router-group-topk 2"):
+        build_config(dict(train_iters=1, mock_data=True, num_experts=8, moe_router_topk=6,
+                          moe_router_num_groups=4, moe_router_group_topk=2))
+
+
+def test_moe_layer_freq_list_forms():
+    from megahet.config import build_config
+    from megahet.models.transformer import is_moe_layer
+    for value in ("([0]+[1]*3)", "[0,1,1,1]", [0, 1, 1, 1]):
+        cfg = build_config(dict(train_iters=1, mock_data=True, num_layers=4, num_experts=4, moe_layer_freq=value))
+        assert [is_moe_layer(cfg.model, i) for i in range(4)] == [False, True, True, True]
+    with pytest.raises(MegahetError, match="lists 3 layers but --num-layers is 4"):
+        build_config(dict(train_iters=1, mock_data=True, num_layers=4, num_experts=4, moe_layer_freq="[1,1,1]"))
+    with pytest.raises(MegahetError, match="moe_layer_freq"):
+        build_config(dict(train_iters=1, mock_data=True, num_layers=4, num_experts=4, moe_layer_freq="__import__('os')"))
