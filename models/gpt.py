@@ -78,6 +78,7 @@ class GPTModel(nn.Module):
         self.cfg, self.ctx = cfg, ctx
         self.pre_process, self.post_process = pre_process, post_process
         self.sequence_parallel = sequence_parallel and ctx.tp_group.size > 1
+        self.sequence_parallel_flag = bool(sequence_parallel)  # the job's flag: neighbours' layouts follow it
         self.vocab_size, self.padded_vocab_size = vocab_size, padded_vocab_size
         self.vocab_start = ctx.tp_group.rank * (padded_vocab_size // ctx.tp_group.size)  # of this rank's logits
         self.layer_ids = list(layer_ids)

@@ -232,7 +232,7 @@ class Plan:
             row = []
             for k, s in enumerate(p.stages):
                 if s.ranks is not None:
-                    row.append(list(s.ranks))
+                    row.append(sorted(s.ranks))  # TP rank order follows global rank order
                     continue
                 if s.group not in free:
                     raise MegahetError(f"plan pipeline {i} stage {k}: group '{s.group}' is not in the cluster spec "
@@ -251,7 +251,7 @@ class Plan:
     def validate(self, cluster, num_layers: int, global_batch_size: int, world_size: Optional[int] = None, *,
                  num_attention_heads: Optional[int] = None, num_query_groups: Optional[int] = None,
                  num_experts: Optional[int] = None, seq_length: Optional[int] = None,
-                 sequence_parallel: bool = False) -> List[List[List[int]]]:
+                 sequence_parallel: bool = False, tp_divides: Optional[Dict[str, int]] = None) -> List[List[List[int]]]:
         """Check that this plan can run on `cluster`; return its rank assignment.
 
         Raises MegahetError with a one-line message naming the problem and the fix for: layers not
@@ -259,7 +259,8 @@ class Plan:
         across pipelines, micro-batches not summing to the global batch, unknown groups, ranks outside
         the world or used twice, more (or fewer) ranks than the world, a TP or EP group spanning
         communication domains, EP replicas with different micro-batch counts, and model sizes that a
-        stage's TP degree does not divide.
+        stage's TP degree does not divide (num_attention_heads, num_query_groups, seq_length with
+        sequence parallelism, and every `tp_divides` entry, e.g. {"--ffn-hidden-size": 1024}).
         """
         pp = self.num_stages
         if sum(self.layers) != num_layers:
@@ -281,7 +282,8 @@ class Plan:
             if len(set(tps)) > 1:
                 raise MegahetError(f"plan stage {k} has tensor_parallel {tps} across pipelines; stage k needs the same "
                                    "TP degree in every pipeline so gradient shards line up")
-            for what, size in (("num_attention_heads", num_attention_heads), ("num_query_groups", num_query_groups)):
+            sizes = [("num_attention_heads", num_attention_heads), ("num_query_groups", num_query_groups)]
+            for what, size in sizes + sorted((tp_divides or {}).items()):
                 if size is not None and size % tps[0]:
                     raise MegahetError(f"plan stage {k} has tensor_parallel {tps[0]}, which does not divide "
                                        f"{what} {size}; use a TP degree that divides it")
@@ -360,6 +362,21 @@ class Plan:
                 if len(spanned) > 1:
                     raise MegahetError(f"plan stage {k} of pipelines {block} forms an expert-parallel group spanning "
                                        f"communication domains {spanned}; EP groups must stay inside one vendor")
+
+
+    def table(self, cluster) -> str:
+        """The plan as a text table (pipelines x stages: group, backend, TP, layers, ranks), for the log."""
+        backend = {g.name: g.backend for g in cluster.groups}
+        assignment = self.rank_assignment(cluster)
+        rows = [["pipeline", "micro-batches"] + [f"stage {k} ({n} layers)" for k, n in enumerate(self.layers)]]
+        for i, p in enumerate(self.pipelines):
+            cells = [f"{s.group}/{backend.get(s.group, '?')} tp{s.tensor_parallel} r{','.join(map(str, r))}"
+                     for s, r in zip(p.stages, assignment[i])]
+            rows.append([str(i), f"{p.micro_batch_size}x{p.micro_batches}"] + cells)
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+        extra = f"virtual_stages {self.virtual_stages}, expert_parallel {self.expert_parallel}"
+        return "\n".join(lines + [extra])
 
 
 def even_layers(num_layers: int, stages: int) -> List[int]:

@@ -74,6 +74,11 @@ class CommGroup:
         self.device = torch.device("cpu") if on_host else device
         # gloo cannot be trusted to reduce half types (pytorch issue 111131): upcast there.
         self._upcast_reductions = on_host
+        self.counters = None  # a LinkCounters: bytes this rank sends over the bridge (set by the context)
+
+    def _count(self, tensor: torch.Tensor, copies: int = 1) -> None:
+        if self.bridged and self.counters is not None:
+            self.counters.add(-1, tensor.numel() * tensor.element_size() * copies, True)
 
     def __repr__(self):
         kind = "bridged" if self.bridged else self.library
@@ -88,6 +93,7 @@ class CommGroup:
         if self.size == 1:
             return Work() if async_op else tensor
         staged = bridge.stage_for_reduction(tensor, self.bridged, self._upcast_reductions)
+        self._count(staged)
         work = dist.all_reduce(staged, op=_OPS[op], group=self.pg, async_op=async_op)
         finish = (lambda: bridge.write_back(staged, tensor)) if staged is not tensor else None
         return _complete(work, finish, async_op, tensor)
@@ -110,6 +116,7 @@ class CommGroup:
             raise ValueError(f"reduce_scatter over {self.name}: input rows {tensor.shape[0]} != "
                              f"{self.size} x output rows {out.shape[0]}")
         staged = bridge.stage_for_reduction(tensor.contiguous(), self.bridged, self._upcast_reductions)
+        self._count(staged)
         return self._into(_REDUCE_SCATTER, out, staged, async_op)
 
     def reduce_scatter(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -132,6 +139,7 @@ class CommGroup:
             out.copy_(tensor)
             return Work() if async_op else out
         staged = bridge.stage(tensor.contiguous(), self.bridged)
+        self._count(staged, self.size - 1)
         return self._into(_ALL_GATHER, out, staged, async_op)
 
     def all_gather(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -158,6 +166,7 @@ class CommGroup:
             return tensor
         in_splits, out_splits = [int(s) for s in in_splits], [int(s) for s in out_splits]
         staged = bridge.stage(tensor.contiguous(), self.bridged)
+        self._count(staged)
         out = torch.empty((sum(out_splits),) + tuple(tensor.shape[1:]), dtype=staged.dtype, device=staged.device)
         dist.all_to_all_single(out, staged, output_split_sizes=out_splits, input_split_sizes=in_splits, group=self.pg)
         return bridge.unstage(out, tensor.device, tensor.dtype) if self.bridged else out
@@ -167,6 +176,7 @@ class CommGroup:
         if self.size == 1:
             return tensor
         staged = bridge.stage(tensor, self.bridged)
+        self._count(staged)
         dist.broadcast(staged, src=src_global_rank, group=self.pg)
         if staged is not tensor:
             bridge.write_back(staged, tensor)

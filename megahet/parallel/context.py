@@ -1,21 +1,26 @@
 """ParallelContext: this rank's backend, coordinates and process groups, built once and passed in.
 
-Rank order: tensor parallel fastest, then data parallel, then pipeline:
+Built from a Plan (megahet.hetero.plan): pipelines (data-parallel replicas) x stages, each stage of
+each pipeline served by its own TP ranks. Uniform flags give the uniform plan, whose rank order is
+tensor parallel fastest, then data parallel, then pipeline:
     rank = tp_rank + tp * (dp_rank + dp * pp_rank)
 so a tensor-parallel group is a block of consecutive ranks (one node, one vendor). Experts reuse the
-data-parallel ranks of a stage: `ep` consecutive dp ranks form an expert-parallel group and the
-`dp // ep` ranks holding the same experts form the expert-data-parallel group.
+data-parallel ranks of a stage: `ep` consecutive pipelines form an expert-parallel group and the
+`dp // ep` pipelines holding the same experts form the expert-data-parallel group.
 
-Every rank may run a different backend (a cluster spec assigns them); groups whose members share a
-communication domain use the native library, the rest go through the bridge (see comm.py).
+Every rank may run a different backend (a cluster spec assigns them). Groups whose members share a
+communication domain use the native library; data-parallel groups that span domains reduce
+hierarchically (hierarchical.py); pipeline messages go per link, bridged only across domains
+(links.py, boundary.py).
 """
 from __future__ import annotations
 
 import datetime
 import logging
+import math
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -23,6 +28,11 @@ import torch.distributed as dist
 from megahet.device import Backend, default_backend_name, get_backend
 from megahet.errors import MegahetError
 from megahet.parallel.comm import CommGroup, make_group
+from megahet.parallel.hierarchical import HierarchicalGroup
+from megahet.parallel.links import LinkCounters, Links
+
+if TYPE_CHECKING:
+    from megahet.hetero.plan import Plan
 
 log = logging.getLogger("megahet")
 
@@ -36,7 +46,11 @@ class RankSpec:
 
 @dataclass
 class ParallelContext:
-    """Everything a rank needs to know about the parallel layout. No process-group globals."""
+    """Everything a rank needs to know about the parallel layout. No process-group globals.
+
+    Built from a Plan (megahet.hetero.plan): `tp` is this rank's stage's TP degree (stages may
+    differ), `dp` the number of pipelines (replicas), `pp` the number of stages.
+    """
     rank: int
     world_size: int
     local_rank: int
@@ -52,13 +66,18 @@ class ParallelContext:
     ep_rank: int
     expert_dp_rank: int
     tp_group: CommGroup
-    pp_group: CommGroup
+    pp_group: Optional[CommGroup]  # only when every stage has the same TP degree; pipelines use `links`
     dp_group: CommGroup
     ep_group: CommGroup
     expert_dp_group: CommGroup
     embedding_group: CommGroup
     world_group: CommGroup
     rank_domains: List[str]
+    plan: Optional[Plan] = None
+    assignment: List[List[List[int]]] = field(default_factory=list)  # [pipeline][stage] -> global ranks
+    links: Optional[Links] = None
+    counters: LinkCounters = field(default_factory=LinkCounters)
+    cluster: Optional[object] = None  # the ClusterSpec the plan runs on (for logs)
 
     @property
     def kernels(self):
@@ -76,8 +95,23 @@ class ParallelContext:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
 
+    @property
+    def stage_ranks(self) -> List[List[int]]:
+        """Global ranks of every stage of this rank's pipeline."""
+        return self.assignment[self.dp_rank]
+
+    @property
+    def stage_tp(self) -> List[int]:
+        """TP degree of every stage (the same in every pipeline)."""
+        return [len(r) for r in self.assignment[0]]
+
+    @property
+    def vocab_tp(self) -> int:
+        """What the vocabulary is padded for: a multiple of every stage's TP degree (lcm)."""
+        return math.lcm(*self.stage_tp)
+
     def global_rank(self, tp_rank: int, dp_rank: int, pp_rank: int) -> int:
-        return grid_rank(tp_rank, dp_rank, pp_rank, self.tp, self.dp)
+        return self.assignment[dp_rank][pp_rank][tp_rank]
 
     def describe(self) -> str:
         return (f"rank {self.rank}/{self.world_size} backend={self.backend.name} device={self.device} "
@@ -89,31 +123,53 @@ def grid_rank(tp_rank: int, dp_rank: int, pp_rank: int, tp: int, dp: int) -> int
     return tp_rank + tp * (dp_rank + dp * pp_rank)
 
 
+def plan_groups(assignment: List[List[List[int]]], ep: int = 1) -> Dict[str, List[List[int]]]:
+    """Every group of every kind from a rank assignment [pipeline][stage] -> ranks (pure).
+
+    tp: the ranks of one stage of one pipeline; dp: TP rank t of stage k in every pipeline; ep:
+    `ep` consecutive pipelines at a stage; expert_dp: the pipelines holding the same experts;
+    pp (only when all stages share one TP degree): TP rank t of every stage of one pipeline;
+    embedding: TP rank t of the first and the last stage (same TP degree there; otherwise the tied
+    embedding is re-sliced through the links, see grad_sync.py).
+    """
+    dp, pp = len(assignment), len(assignment[0])
+    tps = [len(r) for r in assignment[0]]
+    if dp % ep:
+        raise MegahetError(f"{dp} data-parallel replicas are not divisible by --expert-model-parallel-size {ep}")
+    groups: Dict[str, List[List[int]]] = {k: [] for k in ("tp", "dp", "pp", "ep", "expert_dp", "embedding")}
+    # Lists are sorted: torch orders a group's members by global rank, and so must our group ranks.
+    for k in range(pp):
+        for d in range(dp):
+            groups["tp"].append(sorted(assignment[d][k]))
+        for t in range(tps[k]):
+            groups["dp"].append(sorted(assignment[d][k][t] for d in range(dp)))
+            blocks = [sorted(assignment[e0 + e][k][t] for e in range(ep)) for e0 in range(0, dp, ep)]
+            groups["ep"] += blocks
+            for e in range(ep):  # the members holding the same experts (same place in their EP group)
+                groups["expert_dp"].append(sorted(b[e] for b in blocks))
+    for d in range(dp):
+        if len(set(tps)) == 1:
+            for t in range(tps[0]):
+                groups["pp"].append([assignment[d][k][t] for k in range(pp)])
+        if tps[0] == tps[-1]:
+            for t in range(tps[0]):
+                groups["embedding"].append(sorted({assignment[d][0][t], assignment[d][-1][t]}))
+    return groups
+
+
 def grid_groups(world_size: int, tp: int, pp: int, ep: int) -> Dict[str, List[List[int]]]:
-    """Every group of every kind, as lists of global ranks (pure: testable without processes)."""
+    """Every group of every kind of the uniform grid, as lists of global ranks (pure)."""
     if world_size % (tp * pp):
         raise MegahetError(f"world size {world_size} is not divisible by tensor ({tp}) x pipeline ({pp}) parallel; "
                            f"change --tensor-model-parallel-size/--pipeline-model-parallel-size or the rank count")
     dp = world_size // (tp * pp)
     if dp % ep:
         raise MegahetError(f"data-parallel size {dp} is not divisible by --expert-model-parallel-size {ep}")
-    g = lambda t, d, p: grid_rank(t, d, p, tp, dp)  # noqa: E731
-    groups: Dict[str, List[List[int]]] = {k: [] for k in ("tp", "dp", "pp", "ep", "expert_dp", "embedding")}
-    for p in range(pp):
-        for d in range(dp):
-            groups["tp"].append([g(t, d, p) for t in range(tp)])
-        for t in range(tp):
-            groups["dp"].append([g(t, d, p) for d in range(dp)])
-            for e0 in range(0, dp, ep):
-                groups["ep"].append([g(t, e0 + e, p) for e in range(ep)])
-            for e in range(ep):
-                groups["expert_dp"].append([g(t, d, p) for d in range(e, dp, ep)])
-    for d in range(dp):
-        for t in range(tp):
-            stages = [g(t, d, p) for p in range(pp)]
-            groups["pp"].append(stages)
-            groups["embedding"].append(sorted({stages[0], stages[-1]}))
-    return groups
+    return plan_groups(uniform_assignment(tp, pp, dp), ep)
+
+
+def uniform_assignment(tp: int, pp: int, dp: int) -> List[List[List[int]]]:
+    return [[[grid_rank(t, d, p, tp, dp) for t in range(tp)] for p in range(pp)] for d in range(dp)]
 
 
 def _env_int(name: str, default: int) -> int:
@@ -124,14 +180,19 @@ def _env_int(name: str, default: int) -> int:
 def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
                            rank_specs: Optional[Sequence[RankSpec]] = None,
                            backend_name: Optional[str] = None,
-                           timeout_s: float = 600.0) -> ParallelContext:
+                           timeout_s: float = 600.0,
+                           plan: Optional[Plan] = None,
+                           assignment: Optional[List[List[List[int]]]] = None) -> ParallelContext:
     """Initialise torch.distributed from the torchrun environment (if not yet) and build the groups.
 
     Args:
-        tp, pp, ep: tensor, pipeline and expert parallel degrees (dp is what remains).
+        tp, pp, ep: uniform tensor, pipeline and expert parallel degrees (dp is what remains); used
+            only without `plan`, to build the uniform plan's rank assignment.
         rank_specs: the backend of every global rank (from a cluster spec); default: every rank runs
             `backend_name` or the best available backend.
         timeout_s: collective timeout, so a hung collective fails instead of blocking forever.
+        plan: a validated Plan (stages with their own TP degree, pipelines with their own
+            micro-batches); `assignment` is its rank_assignment (validate() returns it).
     """
     world_size = dist.get_world_size() if dist.is_initialized() else _env_int("WORLD_SIZE", 1)
     rank = dist.get_rank() if dist.is_initialized() else _env_int("RANK", 0)
@@ -152,14 +213,14 @@ def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
     device = backend.device(local_rank)
     timeout = datetime.timedelta(seconds=timeout_s)
 
-    if world_size > 1 and not dist.is_initialized():
-        lib = libraries[rank]
-        # Mixed domains talk through gloo only; one native domain also gets gloo for host tensors.
-        pg_backend = "gloo" if (lib == "gloo" or len(set(domains)) > 1) else f"cpu:gloo,{backend.device_type}:{lib}"
-        dist.init_process_group(backend=pg_backend, rank=rank, world_size=world_size, timeout=timeout)
-
-    groups = grid_groups(world_size, tp, pp, ep)
-    dp = world_size // (tp * pp)
+    if plan is None:
+        groups = grid_groups(world_size, tp, pp, ep)
+        assignment = uniform_assignment(tp, pp, world_size // (tp * pp))
+    else:
+        if assignment is None:
+            raise ValueError("build_parallel_context(plan=...) needs the plan's rank assignment (plan.validate())")
+        ep = plan.expert_parallel
+        groups = plan_groups(assignment, ep)
     for kind, what in (("tp", "tensor"), ("ep", "expert")):
         for ranks in groups[kind]:
             spanned = sorted({domains[r] for r in ranks})
@@ -167,15 +228,23 @@ def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
                 raise MegahetError(f"{what}-parallel group {ranks} spans communication domains {spanned}; "
                                    f"{kind.upper()} groups must stay inside one vendor: reorder the cluster groups "
                                    f"or lower --{what}-model-parallel-size")
-    made: Dict[Tuple[int, ...], Optional[CommGroup]] = {}
+
+    if world_size > 1 and not dist.is_initialized():
+        lib = libraries[rank]
+        # Mixed domains talk through gloo only; one native domain also gets gloo for host tensors.
+        pg_backend = "gloo" if (lib == "gloo" or len(set(domains)) > 1) else f"cpu:gloo,{backend.device_type}:{lib}"
+        dist.init_process_group(backend=pg_backend, rank=rank, world_size=world_size, timeout=timeout)
+
+    counters = LinkCounters()
+    made: Dict[Tuple[str, Tuple[int, ...]], Optional[CommGroup]] = {}
     mine: Dict[str, CommGroup] = {}
     for kind, lists in groups.items():  # every rank walks the same lists in the same order
         for ranks in lists:
-            key = tuple(ranks)
+            hierarchical = kind in ("dp", "expert_dp")
+            key = ("h" if hierarchical else "", tuple(ranks))
             if key not in made:
-                made[key] = (make_group(ranks, rank, domains, libraries, timeout, name=f"{kind}{list(ranks)}",
-                                        device=device)
-                             if len(ranks) > 1 else None)
+                made[key] = (_make(ranks, rank, domains, libraries, timeout, f"{kind}{list(ranks)}", device,
+                                   counters, hierarchical) if len(ranks) > 1 else None)
             if rank in ranks:
                 group = made[key] or CommGroup(ranks, rank, name=f"{kind}{list(ranks)}", device=device)
                 mine[kind] = group
@@ -185,18 +254,43 @@ def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
     world = CommGroup(list(range(world_size)), rank,
                       pg=dist.group.WORLD if world_size > 1 else None, bridged=world_bridged,
                       library="gloo" if world_bridged else libraries[rank], name="world", device=device)
-    tp_rank = rank % tp
-    dp_rank = (rank // tp) % dp
-    pp_rank = rank // (tp * dp)
+    # The world group's job-wide scalars (norms, flags, losses) are not counted: counters show links.
+    links = Links(rank, domains, libraries, device, timeout, counters)
+    where = [(d, k, t) for d, row in enumerate(assignment) for k, ranks in enumerate(row)
+             for t, r in enumerate(ranks) if r == rank]
+    if len(where) != 1:
+        raise MegahetError(f"rank {rank} serves {len(where)} stages of the plan; every rank serves exactly one")
+    dp_rank, pp_rank, tp_rank = where[0]
+    ep_rank, expert_dp_rank = mine["ep"].rank, mine["expert_dp"].rank  # places in the (sorted) groups
     ctx = ParallelContext(
         rank=rank, world_size=world_size, local_rank=local_rank, backend=backend, device=device,
-        tp=tp, pp=pp, dp=dp, ep=ep, tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank,
-        ep_rank=dp_rank % ep, expert_dp_rank=dp_rank // ep,
-        tp_group=mine["tp"], pp_group=mine["pp"], dp_group=mine["dp"], ep_group=mine["ep"],
+        tp=len(assignment[dp_rank][pp_rank]), pp=len(assignment[0]), dp=len(assignment), ep=ep,
+        tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank, ep_rank=ep_rank, expert_dp_rank=expert_dp_rank,
+        tp_group=mine["tp"], pp_group=mine.get("pp"), dp_group=mine["dp"], ep_group=mine["ep"],
         expert_dp_group=mine["expert_dp"], embedding_group=mine["embedding"],
-        world_group=world, rank_domains=domains)
+        world_group=world, rank_domains=domains, plan=plan, assignment=assignment, links=links, counters=counters)
     log.debug("built %s", ctx.describe())
     return ctx
+
+
+def _make(ranks, rank, domains, libraries, timeout, name, device, counters, hierarchical):
+    """A native group, a bridged group, or (for reductions over several domains) a hierarchical one."""
+    spanned = list(dict.fromkeys(domains[r] for r in ranks))
+    if not hierarchical or len(spanned) == 1:
+        group = make_group(ranks, rank, domains, libraries, timeout, name=name, device=device)
+        if group is not None:
+            group.counters = counters
+        return group
+    pg = dist.new_group(ranks=list(ranks), backend="gloo", timeout=timeout)
+    subs = {}
+    for d in spanned:  # every rank creates every domain's subgroup, in the same order
+        members = [r for r in ranks if domains[r] == d]
+        lib = libraries[members[0]]
+        sub_pg = dist.new_group(ranks=members, backend=lib, timeout=timeout) if len(members) > 1 else None
+        subs[d] = (sub_pg, lib)
+    if rank not in ranks:
+        return None
+    return HierarchicalGroup(ranks, rank, pg, domains, subs, name=name, device=device, counters=counters)
 
 
 def single_process_context(backend_name: str = "cpu", **options) -> ParallelContext:
@@ -208,4 +302,4 @@ def single_process_context(backend_name: str = "cpu", **options) -> ParallelCont
                            tp=1, pp=1, dp=1, ep=1, tp_rank=0, pp_rank=0, dp_rank=0, ep_rank=0, expert_dp_rank=0,
                            tp_group=one("tp"), pp_group=one("pp"), dp_group=one("dp"), ep_group=one("ep"),
                            expert_dp_group=one("expert_dp"), embedding_group=one("embedding"),
-                           world_group=one("world"), rank_domains=[backend.domain])
+                           world_group=one("world"), rank_domains=[backend.domain], assignment=[[[0]]])

@@ -29,7 +29,9 @@ from torch import nn
 from megahet.errors import MegahetError
 from megahet.parallel.comm import CommGroup, Work
 from megahet.parallel.grad_accumulation import MainGradState, add_to_main_grad
-from megahet.parallel.grad_sync import allreduce_embedding_grads, allreduce_sequence_parallel_grads
+from megahet.parallel.grad_sync import (allreduce_embedding_grads, allreduce_sequence_parallel_grads,
+                                       embedding_resliced, embedding_shards_misaligned,
+                                       exchange_resliced_embedding_grads)
 
 log = logging.getLogger("megahet")
 
@@ -178,6 +180,15 @@ class DataParallel:
         self.overlap_grad_reduce = bool(overlap_grad_reduce)
         self.use_distributed_optimizer = bool(use_distributed_optimizer)
         self._sync_enabled = [True] * len(self.model_chunks)
+        # A tied embedding re-sliced between stages of different TP degrees, or whose first- and last-stage
+        # copies get different distributed-optimizer shards, is summed before the data-parallel reduction
+        # (the copies' valid parts would not line up after it), so its bucket may not start early.
+        tied = any(getattr(p, "shared_embedding", False) for c in self.model_chunks for p in c.parameters())
+        self._resliced_embedding = tied and embedding_resliced(ctx)
+        self._embedding_first = tied and (self._resliced_embedding or (
+            self.use_distributed_optimizer and embedding_shards_misaligned(ctx)))
+        if self._embedding_first:
+            self.overlap_grad_reduce = False
         # With ep == 1 the expert-data-parallel group is the data-parallel group: one buffer, one order.
         split_experts = list(ctx.expert_dp_group.ranks) != list(ctx.dp_group.ranks)
         self.buffers: List[GradBuffer] = []
@@ -266,10 +277,14 @@ class DataParallel:
         over TP and the tied embedding over the embedding group, on the main grads.
         """
         self._zero_unwritten()
+        if self._resliced_embedding:
+            exchange_resliced_embedding_grads(self.params, self.ctx)
+        elif self._embedding_first:
+            allreduce_embedding_grads(self.params, self.ctx.embedding_group)
         for buffer in self.buffers:
             buffer.finish(self.use_distributed_optimizer)
         allreduce_sequence_parallel_grads(self.params, self.ctx.tp_group)
-        if any(getattr(p, "shared_embedding", False) for p in self.params):
+        if not self._embedding_first and any(getattr(p, "shared_embedding", False) for p in self.params):
             allreduce_embedding_grads(self.params, self.ctx.embedding_group)
 
     def remove_hooks(self) -> None:

@@ -16,7 +16,7 @@ import torch
 from megahet.config import MegahetConfig
 from megahet.errors import MegahetError
 from megahet.parallel.context import ParallelContext
-from megahet.parallel.p2p import PipelineP2P
+from megahet.parallel.boundary import StageP2P
 from megahet.parallel.pipeline_layout import layers_per_stage
 from megahet.parallel.schedule_executor import execute_schedule
 from megahet.parallel.schedules import Action, build_schedule
@@ -139,6 +139,12 @@ def forward_backward(model_chunks: List[torch.nn.Module], microbatches: List[Dic
         return run
 
     execute_schedule(actions, forward_step=timed(forward_step), backward_step=timed(backward_step),
-                     p2p=PipelineP2P(ctx.pp_group, ctx.device), tracer=tracer,
+                     p2p=stage_p2p(ctx, model_chunks), tracer=tracer,
                      deallocate_outputs=not forward_only)
     return StepOutput(loss_sum)
+
+
+def stage_p2p(ctx: ParallelContext, model_chunks) -> StageP2P:
+    """P2P to the neighbouring stages of this rank's pipeline, re-slicing between TP degrees, per link."""
+    sp = any(getattr(m, "sequence_parallel_flag", False) for m in model_chunks)
+    return StageP2P(ctx.links, ctx.stage_ranks, ctx.pp_rank, ctx.tp_rank, sp)

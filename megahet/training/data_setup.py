@@ -45,7 +45,7 @@ def build_data(cfg: MegahetConfig, ctx: ParallelContext, train_iters: int) -> Da
         tokenizer_type = "NullTokenizer"
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, m.vocab_size)
     vocab = tokenizer.vocab_size
-    padded = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, ctx.tp)
+    padded = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, ctx.vocab_tp)  # every stage's TP divides it
     # Megatron's valid size (every evaluation of the run), so the valid samples are Megatron's too; each
     # evaluation here reads the first eval_iters batches. The test split is never read, so never built.
     eval_samples = (train_iters // t.eval_interval + 1) * t.eval_iters * t.global_batch_size if t.eval_interval else 0

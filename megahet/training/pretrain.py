@@ -16,8 +16,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from megahet.config import MegahetConfig, validate_world
+from megahet.config import MegahetConfig
 from megahet.errors import MegahetError
+from megahet.hetero.stage_stats import StageStats, StageTimer, format_stage_line
 from megahet.parallel.context import ParallelContext, build_parallel_context
 from megahet.parallel.pipeline import schedule_name
 from megahet.parallel.schedule_trace import ScheduleTracer
@@ -63,27 +64,24 @@ def total_train_iters(cfg: MegahetConfig) -> int:
 
 
 def build_context(cfg: MegahetConfig) -> ParallelContext:
-    p = cfg.parallel
-    rank_specs = None
-    if cfg.hetero.plan:
-        raise MegahetError("--plan needs the heterogeneous planner, which this version does not have yet; drop --plan "
-                           "(with --cluster, ranks follow --tensor/--pipeline-model-parallel-size in cluster order)")
-    if cfg.hetero.cluster:
-        from megahet.hetero.cluster import load_cluster
-        rank_specs = load_cluster(cfg.hetero.cluster).rank_specs()
-    return build_parallel_context(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
-                                  ep=p.expert_model_parallel_size, rank_specs=rank_specs,
-                                  backend_name=cfg.hetero.backend, timeout_s=p.distributed_timeout_s)
+    """The plan (from --plan, or the uniform one the flags describe) turned into this rank's context."""
+    from megahet.hetero.plan_setup import build_plan
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    plan, cluster, assignment = build_plan(cfg, world_size)
+    ctx = build_parallel_context(rank_specs=cluster.rank_specs(), timeout_s=cfg.parallel.distributed_timeout_s,
+                                 plan=plan, assignment=assignment)
+    ctx.cluster = cluster
+    return ctx
 
 
 def pretrain(cfg: MegahetConfig) -> dict:
     """Train as the config says. Returns the last logged metrics (rank 0) for scripts and tests."""
     ctx = build_context(cfg)
     setup_logging(ctx.rank)
-    validate_world(cfg, ctx.world_size)
     seed_everything(ctx, cfg.train.seed)
     log.info("megahet: %d ranks, tp=%d pp=%d dp=%d ep=%d, backend %s", ctx.world_size, ctx.tp, ctx.pp, ctx.dp,
              ctx.ep, ctx.backend.name)
+    log.info("plan:\n%s", ctx.plan.table(ctx.cluster))
     t, m = cfg.train, cfg.model
     iters = total_train_iters(cfg)
     if cfg.checkpoint.save:
@@ -99,8 +97,9 @@ def pretrain(cfg: MegahetConfig) -> dict:
     state = TrainState()
     if cfg.checkpoint.load:
         resume(cfg, ctx, chunks, optimizer, scheduler, scaler, state, data.vocab_size)
-    dp_sizes = [t.global_batch_size // ctx.dp] * ctx.dp
-    schedule = schedule_name(cfg, dp_sizes[ctx.dp_rank] // t.micro_batch_size)
+    mine = ctx.plan.pipelines[ctx.dp_rank]  # this replica's micro-batch size and count
+    dp_sizes = [p.samples for p in ctx.plan.pipelines]
+    schedule = schedule_name(cfg, mine.micro_batches)
     flops_per_token = transformer_flops_per_token(
         m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups, m.seq_length,
         data.vocab_size, m.swiglu, m.num_experts, m.moe_router_topk, m.moe_ffn_hidden_size,
@@ -114,16 +113,20 @@ def pretrain(cfg: MegahetConfig) -> dict:
     saver = AsyncCheckpointSaver(ctx, data.vocab_size) if cfg.checkpoint.async_save else None
     start_time = time.time()
     last: dict = {}
+    stats = StageStats(ctx)
+    show_stages = ctx.pp > 1 or len(set(ctx.rank_domains)) > 1
     try:
         while state.iteration < iters:
             if saver is not None:
                 saver.poll()  # publish a background save once every rank has written it
             mbs = replica_microbatches(data.train, state.consumed_samples, t.global_batch_size, dp_sizes,
-                                       ctx.dp_rank, t.micro_batch_size)
+                                       ctx.dp_rank, mine.micro_batch_size)
             last_step = state.iteration + 1 == iters
             tracer = ScheduleTracer(ctx.rank, start=0.0) if (cfg.logging.timing_trace and last_step) else None
+            timer = StageTimer(inner=tracer)
             result = train_step(chunks, ddp, optimizer, ctx, mbs, schedule=schedule, loss_scaler=scaler,
-                                moe_tracker=tracker, tracer=tracer)
+                                moe_tracker=tracker, tracer=timer)
+            stats.add(timer, result.step_time_s)
             if tracer is not None:
                 export_step_trace(cfg.logging.timing_trace, tracer.events, ctx)
             state.iteration += 1
@@ -133,7 +136,7 @@ def pretrain(cfg: MegahetConfig) -> dict:
             evaluated = {}
             if data.valid is not None and t.eval_interval and state.iteration % t.eval_interval == 0:
                 vloss = evaluate(chunks, ctx, data.valid, eval_iters=t.eval_iters, global_batch_size=t.global_batch_size,
-                                 replica_sizes=dp_sizes, micro_batch_size=t.micro_batch_size)
+                                 replica_sizes=dp_sizes, micro_batch_size=mine.micro_batch_size)
                 evaluated = {"valid_loss": vloss, "valid_ppl": math.exp(min(vloss, 50.0))}
             if state.iteration % cfg.logging.log_interval == 0 or state.iteration == iters or evaluated:
                 values = {"iteration": state.iteration, "loss": result.loss, "lr": scheduler.lr,
@@ -145,7 +148,10 @@ def pretrain(cfg: MegahetConfig) -> dict:
                 if tracker is not None:
                     values.update(tracker.report(ctx))  # a collective: every rank logs the same iterations
                 values.update(evaluated)
+                values.update(stats.collect())  # a collective: per-stage compute / idle / bridge time
                 logger.log(state.iteration, values)
+                if show_stages:
+                    log.info(format_stage_line(values))
                 last = values
             should_exit = exit_requested(cfg, ctx, state, start_time)
             save_now = cfg.checkpoint.save and (

@@ -1,0 +1,119 @@
+"""Stage boundaries between different TP degrees: activations and gradients re-sliced on the way.
+
+Stage k's activation [s(/tp_k), b, h] is laid out one of two ways: with sequence parallelism each TP
+rank holds a contiguous 1/tp_k of the sequence; without it every TP rank holds the whole tensor.
+When stage k+1 has another TP degree (TP2+SP feeding TP1, TP1 feeding TP4, ...) each receiving rank
+needs a different slice. `boundary_routes` says which sender rank sends which rows to which receiver
+so that every receiver gets exactly the rows it needs, once (no gather-then-scatter, no duplicate
+bytes); replicated rows are taken from the senders in turn to spread the load. Gradients flow back
+over the same routes with the roles swapped (a stage's input gradient has its input's layout).
+
+`StageP2P` implements the executor's P2P interface (`isend(tensor, peer_stage, tag)`,
+`recv(peer_stage, tag)`) on top of `Links`: same-domain pieces travel natively, cross-domain ones
+through the host bridge. Every piece carries a small shape header, so shapes may change between steps.
+"""
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import List, Sequence, Tuple
+
+import torch
+
+from megahet.errors import MegahetError
+from megahet.parallel.links import Links, Recv, Send
+
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32]
+_HEADER = 10  # [ndim, dtype code, up to 8 dims]
+
+Route = Tuple[int, int, Fraction, Fraction]  # (sender tp rank, receiver tp rank, start, end) of the sequence
+
+
+def boundary_routes(src_tp: int, dst_tp: int, sequence_parallel: bool) -> List[Route]:
+    """Which sender TP rank sends which fraction of the sequence to which receiver TP rank.
+
+    Pure (no processes): sorted by receiver, then by position in the sequence.
+    """
+    src_chunks = src_tp if sequence_parallel else 1
+    dst_chunks = dst_tp if sequence_parallel else 1
+    routes: List[Route] = []
+    for u in range(dst_tp):
+        j = u % dst_chunks
+        lo, hi = Fraction(j, dst_chunks), Fraction(j + 1, dst_chunks)
+        for c in range(src_chunks):
+            a, b = max(lo, Fraction(c, src_chunks)), min(hi, Fraction(c + 1, src_chunks))
+            if a >= b:
+                continue
+            holders = [c] if src_chunks == src_tp else list(range(src_tp))
+            routes.append((holders[u % len(holders)], u, a, b))
+    return routes
+
+
+def _rows(frac: Fraction, seq: int) -> int:
+    rows = frac * seq
+    if rows.denominator != 1:
+        raise MegahetError(f"sequence length {seq} does not split evenly across a stage boundary; use a "
+                           "--seq-length divisible by every stage's tensor_parallel")
+    return int(rows)
+
+
+def _header(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() > _HEADER - 2:
+        raise ValueError(f"pipeline tensors may have at most {_HEADER - 2} dims, got {t.dim()}")
+    if t.dtype not in _DTYPES:
+        raise MegahetError(f"pipeline stages cannot send {t.dtype}; send one of {', '.join(map(str, _DTYPES))}")
+    h = torch.zeros(_HEADER, dtype=torch.int64)
+    h[0], h[1] = t.dim(), _DTYPES.index(t.dtype)
+    h[2:2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+    return h
+
+
+def _parse(h: torch.Tensor):
+    h = h.cpu()
+    ndim = int(h[0])
+    return tuple(int(v) for v in h[2:2 + ndim]), _DTYPES[int(h[1])]
+
+
+class StageP2P:
+    """P2P between this rank's pipeline stage and a neighbouring stage, re-slicing across TP degrees.
+
+    Args:
+        links: the per-link transport.
+        stage_ranks: global ranks of every stage of this rank's pipeline (stage -> [tp ranks]).
+        stage: this rank's stage; tp_rank: its rank inside the stage.
+        sequence_parallel: activations are sequence-sharded inside stages with TP > 1.
+    """
+
+    def __init__(self, links: Links, stage_ranks: Sequence[Sequence[int]], stage: int, tp_rank: int,
+                 sequence_parallel: bool):
+        self.links, self.stage_ranks = links, [list(r) for r in stage_ranks]
+        self.stage, self.tp_rank, self.sp = stage, tp_rank, bool(sequence_parallel)
+
+    def _tp(self, stage: int) -> int:
+        return len(self.stage_ranks[stage])
+
+    def _chunks(self, stage: int) -> int:
+        return self._tp(stage) if self.sp else 1
+
+    def isend(self, tensor: torch.Tensor, peer: int, tag: int):
+        """Send this rank's rows of `tensor` [s(/tp), ...] to the ranks of stage `peer` that need them."""
+        seq = tensor.shape[0] * self._chunks(self.stage)  # global sequence length
+        offset = Fraction(self.tp_rank % self._chunks(self.stage), self._chunks(self.stage))
+        sends = []
+        for src, dst, a, b in boundary_routes(self._tp(self.stage), self._tp(peer), self.sp):
+            if src != self.tp_rank:
+                continue
+            piece = tensor[_rows(a - offset, seq):_rows(b - offset, seq)]
+            rank = self.stage_ranks[peer][dst]
+            sends += [Send(_header(piece), rank, 2 * tag), Send(piece, rank, 2 * tag + 1)]
+        handle, _ = self.links.post(sends, [])
+        return handle
+
+    def recv(self, peer: int, tag: int) -> torch.Tensor:
+        """Receive this rank's rows from stage `peer` (pieces concatenated along dim 0)."""
+        srcs = [self.stage_ranks[peer][src]
+                for src, dst, _, _ in boundary_routes(self._tp(peer), self._tp(self.stage), self.sp)
+                if dst == self.tp_rank]
+        headers = self.links.exchange([], [Recv((_HEADER,), torch.int64, r, 2 * tag) for r in srcs])
+        metas = [_parse(h) for h in headers]
+        pieces = self.links.exchange([], [Recv(shape, dtype, r, 2 * tag + 1) for r, (shape, dtype) in zip(srcs, metas)])
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)  # [s(/tp), ...] this rank's rows
