@@ -48,6 +48,7 @@ class Backend:
     device_type: str = "cpu"
     collective_backend: str = "gloo"
     domain: str = "base"
+    supports_bf16: bool = True  # False: stages on this backend compute in fp32 under --bf16 (masters are fp32 anyway)
 
     def __init__(self, *, peak_tflops: Optional[float] = None) -> None:
         if peak_tflops is not None and (isinstance(peak_tflops, bool)

@@ -15,7 +15,7 @@ through the host bridge. Every piece carries a small shape header, so shapes may
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -81,12 +81,14 @@ class StageP2P:
         stage_ranks: global ranks of every stage of this rank's pipeline (stage -> [tp ranks]).
         stage: this rank's stage; tp_rank: its rank inside the stage.
         sequence_parallel: activations are sequence-sharded inside stages with TP > 1.
+        dtype: what this stage computes in; received activations and gradients are cast to it.
     """
 
     def __init__(self, links: Links, stage_ranks: Sequence[Sequence[int]], stage: int, tp_rank: int,
-                 sequence_parallel: bool):
+                 sequence_parallel: bool, dtype: Optional[torch.dtype] = None):
         self.links, self.stage_ranks = links, [list(r) for r in stage_ranks]
         self.stage, self.tp_rank, self.sp = stage, tp_rank, bool(sequence_parallel)
+        self.dtype = dtype
 
     def _tp(self, stage: int) -> int:
         return len(self.stage_ranks[stage])
@@ -116,4 +118,7 @@ class StageP2P:
         headers = self.links.exchange([], [Recv((_HEADER,), torch.int64, r, 2 * tag) for r in srcs])
         metas = [_parse(h) for h in headers]
         pieces = self.links.exchange([], [Recv(shape, dtype, r, 2 * tag + 1) for r, (shape, dtype) in zip(srcs, metas)])
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)  # [s(/tp), ...] this rank's rows
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)  # [s(/tp), ...] this rank's rows
+        if self.dtype is not None and out.is_floating_point() and out.dtype != self.dtype:
+            out = out.to(self.dtype)  # the neighbour computes in another dtype (its backend lacks bf16)
+        return out

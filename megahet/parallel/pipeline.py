@@ -147,4 +147,5 @@ def forward_backward(model_chunks: List[torch.nn.Module], microbatches: List[Dic
 def stage_p2p(ctx: ParallelContext, model_chunks) -> StageP2P:
     """P2P to the neighbouring stages of this rank's pipeline, re-slicing between TP degrees, per link."""
     sp = any(getattr(m, "sequence_parallel_flag", False) for m in model_chunks)
-    return StageP2P(ctx.links, ctx.stage_ranks, ctx.pp_rank, ctx.tp_rank, sp)
+    dtype = next((p.dtype for m in model_chunks for p in m.parameters() if p.is_floating_point()), None)
+    return StageP2P(ctx.links, ctx.stage_ranks, ctx.pp_rank, ctx.tp_rank, sp, dtype)

@@ -55,21 +55,22 @@ class ScheduleTracer:
         self.events.append(TraceEvent(str(action), _category(action), begin, time.perf_counter() - self.start))
 
 
-def to_chrome_trace(events_per_rank: list[list[TraceEvent]]) -> dict:
-    """Chrome trace-event JSON (chrome://tracing, Perfetto): one pid/tid per pp rank, times in µs."""
+def to_chrome_trace(events_per_rank: list[list[TraceEvent]], labels: list[str] | None = None) -> dict:
+    """Chrome trace-event JSON (chrome://tracing, Perfetto): one pid/tid per row, times in µs."""
     trace = []
     for rank, events in enumerate(events_per_rank):
         trace.append({"name": "process_name", "ph": "M", "pid": rank, "tid": rank,
-                      "args": {"name": f"pp rank {rank}"}})
+                      "args": {"name": labels[rank] if labels else f"pp rank {rank}"}})
         for e in events:
             trace.append({"name": e.name, "cat": e.category, "ph": "X", "pid": rank, "tid": rank,
                           "ts": e.start * 1e6, "dur": (e.end - e.start) * 1e6})
     return {"traceEvents": trace, "displayTimeUnit": "ms"}
 
 
-def write_chrome_trace(path: str | Path, events_per_rank: list[list[TraceEvent]]) -> None:
+def write_chrome_trace(path: str | Path, events_per_rank: list[list[TraceEvent]],
+                       labels: list[str] | None = None) -> None:
     """Write ``to_chrome_trace`` as JSON to ``path``."""
-    Path(path).write_text(json.dumps(to_chrome_trace(events_per_rank)))
+    Path(path).write_text(json.dumps(to_chrome_trace(events_per_rank, labels)))
 
 
 def bubble_fraction(events_per_rank: list[list[TraceEvent]]) -> float:
@@ -99,8 +100,10 @@ def theoretical_bubble(pp: int, m: int, chunks: int = 1) -> float:
     return (pp - 1) / (chunks * m + pp - 1)
 
 
-def write_timeline_png(path: str | Path, events_per_rank: list[list[TraceEvent]]) -> None:
-    """Draw one row per rank (fwd blue, bwd orange, comm grey) to a PNG at ``path``."""
+def write_timeline_png(path: str | Path, events_per_rank: list[list[TraceEvent]], labels: list[str] | None = None,
+                       groups: list[str] | None = None) -> None:
+    """Draw one row per rank to a PNG at ``path``: fwd blue, bwd orange, comm grey; or, with ``groups``
+    (the device group of each row), compute colored by group (fwd solid, bwd hatched) and comm grey."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -110,13 +113,25 @@ def write_timeline_png(path: str | Path, events_per_rank: list[list[TraceEvent]]
     fig = Figure(figsize=(12, 0.6 * len(events_per_rank) + 1.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    palette = ["#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974", "#64b5cd"]
+    group_color = {g: palette[i % len(palette)] for i, g in enumerate(dict.fromkeys(groups or []))}
     for rank, events in enumerate(events_per_rank):
         for e in events:
-            color = _COLORS.get(e.category, _COLORS["comm"])
-            ax.broken_barh([(e.start, e.end - e.start)], (rank - 0.4, 0.8), facecolors=color)
+            hatch = None
+            if groups and e.category in _COMPUTE:
+                color, hatch = group_color[groups[rank]], ("//" if e.category == "bwd" else None)
+            else:
+                color = _COLORS.get(e.category, _COLORS["comm"])
+            ax.broken_barh([(e.start, e.end - e.start)], (rank - 0.4, 0.8), facecolors=color, hatch=hatch,
+                           edgecolor="white" if hatch else None)
             if e.category in _COMPUTE:
                 ax.text((e.start + e.end) / 2, rank, e.name, ha="center", va="center", fontsize=6, clip_on=True)
-    ax.set_yticks(range(len(events_per_rank)), [f"rank {r}" for r in range(len(events_per_rank))])
+    if groups:
+        from matplotlib.patches import Patch
+        ax.legend(handles=[Patch(color=c, label=g) for g, c in group_color.items()] +
+                  [Patch(color=_COLORS["comm"], label="communication / waiting")], loc="upper left",
+                  bbox_to_anchor=(1.0, 1.0), fontsize=7)
+    ax.set_yticks(range(len(events_per_rank)), labels or [f"rank {r}" for r in range(len(events_per_rank))])
     ax.invert_yaxis()
     ax.set_xlabel("seconds")
     ax.set_title("pipeline schedule")

@@ -12,8 +12,12 @@ from megahet.parallel.context import ParallelContext
 from megahet.parallel.pipeline import recompute_units, stage_layer_ranges
 
 
-def params_dtype(cfg: MegahetConfig) -> torch.dtype:
+def params_dtype(cfg: MegahetConfig, backend=None) -> torch.dtype:
+    """The dtype this rank's stage computes in: --bf16/--fp16, except that a backend declaring no bf16
+    support (Backend.supports_bf16) computes in fp32; other stages keep bf16 (plans mix vendors)."""
     if cfg.train.bf16:
+        if backend is not None and not backend.supports_bf16:
+            return torch.float32
         return torch.bfloat16
     if cfg.train.fp16:
         return torch.float16
@@ -41,6 +45,6 @@ def build_model_chunks(cfg: MegahetConfig, ctx: ParallelContext, vocab_size: int
             cfg.model, ctx, layer_ids=layers, pre_process=ctx.is_first_stage and c == 0,
             post_process=ctx.is_last_stage and c == len(ranges) - 1, vocab_size=vocab_size,
             padded_vocab_size=padded_vocab_size, sequence_parallel=cfg.parallel.sequence_parallel,
-            seed=cfg.train.seed, dtype=params_dtype(cfg), recompute=cfg.train.recompute_granularity,
+            seed=cfg.train.seed, dtype=params_dtype(cfg, ctx.backend), recompute=cfg.train.recompute_granularity,
             recompute_units=units, moe_tracker=moe_tracker))
     return chunks

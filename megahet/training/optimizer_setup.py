@@ -18,6 +18,6 @@ def build_optimizer(cfg: MegahetConfig, ctx: ParallelContext, model_chunks, loss
                        gradient_accumulation_fusion=t.gradient_accumulation_fusion)
     cls = DistributedOptimizer if p.use_distributed_optimizer else MixedPrecisionOptimizer
     optimizer = cls(model_chunks, ddp, ctx, lr=t.lr, weight_decay=t.weight_decay, betas=(t.adam_beta1, t.adam_beta2),
-                    eps=t.adam_eps, clip_grad=t.clip_grad, params_dtype=params_dtype(cfg), loss_scaler=loss_scaler,
-                    implementation=t.optimizer_implementation)
+                    eps=t.adam_eps, clip_grad=t.clip_grad, params_dtype=params_dtype(cfg, ctx.backend),
+                    loss_scaler=loss_scaler, implementation=t.optimizer_implementation)
     return ddp, optimizer

@@ -38,11 +38,28 @@ def export_step_trace(path: str, events: List[TraceEvent], ctx: ParallelContext)
     if ctx.rank != 0:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    # One row per pipeline stage: the first data-parallel, first tensor-parallel rank of each stage.
-    stages = [per_rank[ctx.global_rank(0, 0, p)] for p in range(ctx.pp)]
-    write_chrome_trace(path, stages)
+    # One row per rank, labelled and colored by the device group that serves it.
+    labels, groups = rank_labels(ctx)
+    write_chrome_trace(path, per_rank, labels)
     try:
-        write_timeline_png(os.path.splitext(path)[0] + ".png", stages)
+        write_timeline_png(os.path.splitext(path)[0] + ".png", per_rank, labels, groups)
     except Exception as exc:  # noqa: BLE001 - the PNG is a convenience; the JSON is the record
         log.warning("could not draw the timeline PNG: %s", exc)
-    log.info("schedule trace written to %s (bubble %.1f%%)", path, 100 * bubble_fraction(stages))
+    log.info("schedule trace written to %s (bubble %.1f%%)", path, 100 * bubble_fraction(per_rank))
+
+
+def rank_labels(ctx: ParallelContext):
+    """('rank r: pipeline d stage k tp t, group/backend' per rank, the group name per rank)."""
+    groups = [""] * ctx.world_size
+    labels = [f"rank {r}" for r in range(ctx.world_size)]
+    backends = {}
+    if ctx.cluster is not None:
+        names = [g.name for g in ctx.cluster.groups for _ in range(g.devices)]
+        backends = {g.name: g.backend for g in ctx.cluster.groups}
+        groups = names[:ctx.world_size]
+    for d, row in enumerate(ctx.assignment):
+        for k, ranks in enumerate(row):
+            for t, r in enumerate(ranks):
+                where = f"{groups[r]}/{backends.get(groups[r], '')}" if groups[r] else ctx.rank_domains[r]
+                labels[r] = f"rank {r}: p{d} s{k} tp{t} {where}"
+    return labels, [g or ctx.rank_domains[r] for r, g in enumerate(groups)]

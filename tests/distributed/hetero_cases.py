@@ -44,3 +44,16 @@ def hierarchical_collectives(domains):
     out["gather"] = ctx.dp_group.all_gather(torch.tensor([ctx.rank]))
     ctx.dp_group.close()
     return out
+
+
+def train_with_fp32_backend(over: dict):
+    """Register `sim_fp32` (a sim device without bf16) in this rank, then train."""
+    from megahet.backends.sim import SimBackend
+    from megahet.device import register_backend
+    from tests.distributed.train_cases import train
+
+    class SimNoBF16(SimBackend):
+        supports_bf16 = False
+
+    register_backend("sim_fp32", SimNoBF16)
+    return train(over)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from megahet.testing import DistributedTestError, run_distributed
-from tests.distributed.hetero_cases import cluster_text, hierarchical_collectives, plan_text
+from tests.distributed.hetero_cases import cluster_text, hierarchical_collectives, plan_text, train_with_fp32_backend
 from tests.distributed.train_cases import losses, train
 
 TOL = 2e-5
@@ -122,3 +122,26 @@ def test_plan_that_cannot_run_is_one_line(tmp_path):
     plan = plan_text([4], [(2, 2, [("fast", 1)]), (2, 1, [("slow", 1)])])
     with pytest.raises(DistributedTestError, match=r"megahet|plan micro-batches 2x2 \+ 2x1 = 6 samples"):
         _run(2, tmp_path, "bad", train_iters=1, **_files(tmp_path, "bad", CPU_SIM, plan))
+
+
+def test_stage_on_a_backend_without_bf16_computes_in_fp32(tmp_path):
+    """--bf16 with the last stage on a device that declares no bf16: that stage computes fp32 (its
+    neighbour's bf16 activations are cast on arrival), the rest bf16; the run tracks the fp32 one."""
+    ref = losses(_run(1, tmp_path, "ref", train_iters=3))
+    cluster = "groups:\n  - {name: fast, backend: cpu, devices: 1}\n  - {name: old, backend: sim_fp32, devices: 1}\n"
+    files = _files(tmp_path, "fp32", cluster, plan_text([2, 2], [(2, 4, [("fast", 1), ("old", 1)])]))
+    rec = run_distributed(train_with_fp32_backend, 2, {"metrics_file": str(tmp_path / "fp32.jsonl"), "train_iters": 3,
+                                                       "bf16": True, **files}, timeout=240)[0]
+    _same(losses(rec), ref, tol=2e-2)  # bf16 first stage: close to fp32, not bit-equal
+
+
+def test_timing_trace_has_one_row_per_rank_named_by_group(tmp_path):
+    import json
+    trace = tmp_path / "trace.json"
+    cluster = cluster_text(("fast", "cpu", 2), ("slow", "sim", 1))
+    plan = plan_text([2, 2], [(2, 4, [("fast", 2), ("slow", 1)])])
+    _run(3, tmp_path, "trace", train_iters=2, timing_trace=str(trace), **_files(tmp_path, "trace", cluster, plan))
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M"}
+    assert names == {0: "rank 0: p0 s0 tp0 fast/cpu", 1: "rank 1: p0 s0 tp1 fast/cpu", 2: "rank 2: p0 s1 tp0 slow/sim"}
+    assert {e["pid"] for e in events if e.get("ph") == "X"} == {0, 1, 2}

@@ -1,0 +1,165 @@
+"""Benchmark the heterogeneous runtime on this machine: bridge bandwidth and hand-balanced cpu+sim plans.
+
+1. Bridged P2P: a cpu rank sends to a sim rank (another communication domain) through `Links`
+   (host-staged gloo), against plain gloo send/recv of the same bytes between the same two processes.
+2. Hierarchical all-reduce over cpu, cpu, sim, sim (native reduce-scatter in each domain, bridged
+   exchange of shards, native all-gather), against one plain gloo all-reduce of the same tensor over
+   the same four processes. Bandwidth = tensor bytes / time (algorithm bandwidth).
+   Both pairs alternate inside one run, so machine load hits both sides alike.
+3. Plans on a cpu(1) + sim(0.5) cluster, each measured by training a small GPT for a few steps:
+   data parallel with the batch split 2:1 against the ideal (the sum of each device's throughput
+   alone), and a pipeline with the layers split 2:1 (balance = sum of stage compute times /
+   (stages x the largest)).
+
+    python tools/bench_hetero.py [--mb 16 --reps 5 --iters 6]
+
+Figures are noisy when other jobs share the CPUs; ratios are the meaningful part.
+"""
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+from megahet.config import build_config
+from megahet.parallel.context import RankSpec, build_parallel_context
+from megahet.parallel.links import Recv, Send
+from megahet.testing import run_distributed
+from megahet.training.pretrain import pretrain
+
+MODEL = dict(num_layers=6, hidden_size=256, num_attention_heads=4, seq_length=128, mock_data=True, vocab_size=512,
+             make_vocab_size_divisible_by=8, lr=1e-3, min_lr=1e-4, lr_warmup_iters=1, log_interval=1,
+             eval_interval=0, seed=3, distributed_timeout_s=120)
+
+
+def _p2p(mb: int, reps: int):
+    ctx = build_parallel_context(rank_specs=[RankSpec("cpu"), RankSpec("sim", {"speed": 1.0})], timeout_s=120)
+    n = mb * 2**20 // 4
+    x = torch.randn(n)  # [n] fp32
+    plain = dist.new_group([0, 1], backend="gloo")
+    bridged_s, gloo_s = [], []
+    for _ in range(reps + 1):  # the first round warms both paths up
+        dist.barrier()
+        t0 = time.perf_counter()
+        if ctx.rank == 0:
+            ctx.links.exchange([Send(x, 1)], [])
+        else:
+            ctx.links.exchange([], [Recv((n,), torch.float32, 0)])
+        bridged_s.append(time.perf_counter() - t0)
+        dist.barrier()
+        t0 = time.perf_counter()
+        if ctx.rank == 0:
+            dist.send(x, 1, group=plain)
+        else:
+            dist.recv(x, 0, group=plain)
+        gloo_s.append(time.perf_counter() - t0)
+    return {"bridged_s": statistics.median(bridged_s[1:]), "gloo_s": statistics.median(gloo_s[1:]),
+            "bytes": n * 4, "bridge_bytes": ctx.counters.bridge_bytes}
+
+
+def _reduce(mb: int, reps: int):
+    specs = [RankSpec("cpu"), RankSpec("cpu"), RankSpec("sim", {"speed": 1.0}), RankSpec("sim", {"speed": 1.0})]
+    ctx = build_parallel_context(rank_specs=specs, timeout_s=120)
+    n = mb * 2**20 // 4
+    plain = dist.new_group([0, 1, 2, 3], backend="gloo")
+    hier_s, gloo_s = [], []
+    for _ in range(reps + 1):
+        x = torch.randn(n)  # [n] fp32
+        dist.barrier()
+        t0 = time.perf_counter()
+        ctx.dp_group.all_reduce(x)
+        hier_s.append(time.perf_counter() - t0)
+        dist.barrier()
+        t0 = time.perf_counter()
+        dist.all_reduce(x, group=plain)
+        gloo_s.append(time.perf_counter() - t0)
+    bridge = ctx.counters.bridge_bytes / (reps + 1)
+    ctx.dp_group.close()
+    return {"hier_s": statistics.median(hier_s[1:]), "gloo_s": statistics.median(gloo_s[1:]), "bytes": n * 4,
+            "bridge_bytes_per_call": bridge, "kind": type(ctx.dp_group).__name__}
+
+
+def _train(over: dict):
+    cfg = build_config(overrides={**MODEL, **over})
+    pretrain(cfg)
+    if cfg.logging.metrics_file and os.path.exists(cfg.logging.metrics_file):
+        with open(cfg.logging.metrics_file) as fh:
+            return [json.loads(line) for line in fh]
+    return None
+
+
+def _write(tmp, name, text):
+    path = os.path.join(tmp, name)
+    with open(path, "w") as fh:
+        fh.write(text)
+    return path
+
+
+CLUSTER = "groups:\n  - {name: fast, backend: cpu, devices: 1}\n  - {name: slow, backend: sim, devices: 1, speed: 0.5}\n"
+ALONE = {"cpu": "groups:\n  - {name: fast, backend: cpu, devices: 1}\n",
+         "sim": "groups:\n  - {name: slow, backend: sim, devices: 1, speed: 0.5}\n"}
+
+
+def _run_plan(tmp, name, world, cluster, plan, iters, gbs):
+    records = run_distributed(_train, world, {
+        "metrics_file": os.path.join(tmp, f"{name}.jsonl"), "train_iters": iters, "global_batch_size": gbs,
+        "cluster": _write(tmp, f"{name}_cluster.yaml", cluster), "plan": _write(tmp, f"{name}_plan.yaml", plan)},
+        timeout=600, env={"MEGAHET_TEST_THREADS": "1"})[0]
+    steady = records[1:]  # the first step pays for start-up
+    tokens = statistics.median(r["tokens_per_s"] for r in steady)
+    return tokens, steady
+
+
+def _plans(iters: int):
+    seq = MODEL["seq_length"]
+    with tempfile.TemporaryDirectory() as tmp:
+        alone = {}
+        for kind, group in (("cpu", "fast"), ("sim", "slow")):
+            plan = f"layers: [6]\npipelines:\n  - {{micro_batch_size: 2, micro_batches: 3, stages: [{{group: {group}}}]}}\n"
+            alone[kind], _ = _run_plan(tmp, f"alone_{kind}", 1, ALONE[kind], plan, iters, 6)
+        dp_plan = ("layers: [6]\npipelines:\n"
+                   "  - {micro_batch_size: 2, micro_batches: 4, stages: [{group: fast}]}\n"
+                   "  - {micro_batch_size: 2, micro_batches: 2, stages: [{group: slow}]}\n")
+        dp_tokens, _ = _run_plan(tmp, "dp", 2, CLUSTER, dp_plan, iters, 12)
+        pp_plan = ("layers: [4, 2]\npipelines:\n"
+                   "  - {micro_batch_size: 2, micro_batches: 6, stages: [{group: fast}, {group: slow}]}\n")
+        pp_tokens, steady = _run_plan(tmp, "pp", 2, CLUSTER, pp_plan, iters, 12)
+        balances = []
+        for r in steady:
+            compute = [s["compute_s"] for s in r["stages"].values()]
+            balances.append(sum(compute) / (len(compute) * max(compute)))
+    return {"alone": alone, "dp_tokens": dp_tokens, "pp_tokens": pp_tokens, "balance": statistics.median(balances),
+            "seq": seq}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=int, default=16, help="MiB per transfer / reduction")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=6, help="training steps per plan run")
+    args = ap.parse_args()
+    env = {"MEGAHET_TEST_THREADS": "1"}
+    p2p = run_distributed(_p2p, 2, args.mb, args.reps, timeout=600, env=env)[0]
+    red = run_distributed(_reduce, 4, args.mb, args.reps, timeout=600, env=env)[0]
+    gbps = lambda b, s: b / s / 1e9  # noqa: E731
+    print(f"bridged P2P cpu->sim, {args.mb} MiB: {gbps(p2p['bytes'], p2p['bridged_s']):.2f} GB/s vs plain gloo "
+          f"{gbps(p2p['bytes'], p2p['gloo_s']):.2f} GB/s -> {p2p['gloo_s'] / p2p['bridged_s']:.0%} of gloo")
+    print(f"hierarchical all-reduce cpu,cpu,sim,sim, {args.mb} MiB: {gbps(red['bytes'], red['hier_s']):.2f} GB/s vs "
+          f"plain gloo all-reduce {gbps(red['bytes'], red['gloo_s']):.2f} GB/s -> "
+          f"{red['gloo_s'] / red['hier_s']:.0%} of gloo; bridged {red['bridge_bytes_per_call'] / 2**20:.1f} MiB "
+          f"per call on rank 0 (the tensor is {args.mb} MiB)")
+    plans = _plans(args.iters)
+    ideal = plans["alone"]["cpu"] + plans["alone"]["sim"]
+    print(f"alone: cpu {plans['alone']['cpu']:.0f} tokens/s, sim(0.5) {plans['alone']['sim']:.0f} tokens/s, "
+          f"ideal sum {ideal:.0f}")
+    print(f"data parallel 8+4 samples: {plans['dp_tokens']:.0f} tokens/s -> {plans['dp_tokens'] / ideal:.0%} of ideal")
+    print(f"pipeline layers 4+2: {plans['pp_tokens']:.0f} tokens/s ({plans['pp_tokens'] / ideal:.0%} of ideal), "
+          f"stage balance {plans['balance']:.0%}")
+
+
+if __name__ == "__main__":
+    main()
