@@ -114,6 +114,9 @@ class TrainConfig:
     gradient_accumulation_fusion: bool = _f(True, "Linear layers write weight gradients straight into the fp32 "
                                             "gradient buffer (Megatron); --no-gradient-accumulation-fusion: via .grad.")
     compile: bool = _f(False, "torch.compile each transformer layer (where the backend supports it).")
+    host_allocator: str = _f("default", "CPU ranks: 'retain' keeps freed host memory in the process (glibc "
+                             "mallopt: no mmap, no trim) instead of page-faulting it back every step.",
+                             choices=["default", "retain"])
     bf16: bool = _f(False, "bf16 parameters and compute with fp32 master weights.")
     fp16: bool = _f(False, "fp16 parameters and compute with dynamic loss scaling.")
     loss_scale: Optional[float] = _f(None, "Constant loss scale for fp16 (default dynamic).")

@@ -40,6 +40,8 @@ class MainGradState:
 
 def fusable(weight: torch.Tensor) -> bool:
     """Whether `weight`'s gradient may be written into its main_grad by the layer's own backward."""
+    if torch.compiler.is_compiling():  # inside a --compile graph: autograd's own path (see megahet/compile.py)
+        return False
     state = getattr(weight, "main_grad_state", None)
     return (state is not None and state.fuse and weight.dtype == weight.main_grad.dtype and weight.requires_grad
             and torch.is_grad_enabled())

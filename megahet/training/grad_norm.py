@@ -80,7 +80,7 @@ def clip_grads(grads: Sequence[Optional[torch.Tensor]], max_norm: float, total_n
     coeff = max_norm / (total_norm + 1.0e-6)
     if coeff >= 1.0:
         return 1.0
-    for g in grads:
-        if g is not None:
-            g.mul_(coeff)
+    present = [g for g in grads if g is not None]
+    if present:
+        torch._foreach_mul_(present, coeff)  # one multi-tensor kernel where the device has it
     return coeff

@@ -47,4 +47,7 @@ def build_model_chunks(cfg: MegahetConfig, ctx: ParallelContext, vocab_size: int
             padded_vocab_size=padded_vocab_size, sequence_parallel=cfg.parallel.sequence_parallel,
             seed=cfg.train.seed, dtype=params_dtype(cfg, ctx.backend), recompute=cfg.train.recompute_granularity,
             recompute_units=units, moe_tracker=moe_tracker))
+    if cfg.train.compile:
+        from megahet.compile import compile_layers
+        compile_layers(chunks, ctx.device)
     return chunks

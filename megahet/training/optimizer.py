@@ -31,6 +31,17 @@ OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
 STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
 
 
+class _NoTimer:
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+
+_NO_TIMER = _NoTimer()
+
+
 @dataclass
 class StepResult:
     """What one optimizer step did. `grad_norm` is NaN when the step was skipped."""
@@ -206,7 +217,7 @@ class MixedPrecisionOptimizer:
                 pc.master.copy_(pc.param.detach().reshape(-1)[pc.lo:pc.hi].view_as(pc.master))
 
     @torch.no_grad()
-    def step(self) -> StepResult:
+    def step(self, timers=None) -> StepResult:
         """Unscale, skip everywhere on inf/nan, clip by the global norm, AdamW, write params back.
 
         Without loss scaling the gradient norm (needed anyway) decides the skip: it is finite exactly
@@ -215,8 +226,28 @@ class MixedPrecisionOptimizer:
         also counts as non-finite; clipping would have zeroed such a step anyway. With a loss scale,
         the grads are unscaled and checked per tensor first, as Megatron does for fp16.
 
-        Call after `ddp.finish_grad_sync()`.
+        Call after `ddp.finish_grad_sync()`. `timers` (optional Timers) times "norm-clip" (unscale,
+        checks, norm, clipping) and "optimizer" (AdamW and the copy back to the params).
         """
+        timer = timers if timers is not None else (lambda name: _NO_TIMER)
+        timer("norm-clip").start()
+        result = self._unscale_check_clip()
+        timer("norm-clip").stop()
+        if not result.ok:
+            return result
+        timer("optimizer").start()
+        for pc in self.pieces:
+            pc.master.grad = pc.grad
+        self.optimizer.step()
+        for pc in self.pieces:
+            pc.master.grad = None
+        self.num_steps += 1
+        self._copy_masters_to_params()
+        timer("optimizer").stop()
+        return result
+
+    def _unscale_check_clip(self) -> StepResult:
+        """The skip decision (agreed by every rank) and clipping; `ok` False means skip this step."""
         grads = [pc.grad for pc in self.pieces]
         scale = float(self.loss_scaler.scale)
         scaled = scale != 1.0 or self.loss_scaler.dynamic
@@ -233,13 +264,6 @@ class MixedPrecisionOptimizer:
         self.loss_scaler.update(False)
         if self.clip_grad > 0:
             clip_grads(grads, self.clip_grad, norm)
-        for pc in self.pieces:
-            pc.master.grad = pc.grad
-        self.optimizer.step()
-        for pc in self.pieces:
-            pc.master.grad = None
-        self.num_steps += 1
-        self._copy_masters_to_params()
         return StepResult(ok=True, grad_norm=norm, found_inf=False)
 
     # ------------------------------------------------------------------ checkpoints

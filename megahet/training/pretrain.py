@@ -19,6 +19,7 @@ import torch
 from megahet.config import MegahetConfig
 from megahet.errors import MegahetError
 from megahet.hetero.stage_stats import StageStats, StageTimer, format_stage_line
+from megahet.host_allocator import configure_host_allocator
 from megahet.parallel.context import ParallelContext, build_parallel_context
 from megahet.parallel.pipeline import schedule_name
 from megahet.parallel.schedule_trace import ScheduleTracer
@@ -79,6 +80,8 @@ def pretrain(cfg: MegahetConfig) -> dict:
     ctx = build_context(cfg)
     setup_logging(ctx.rank)
     seed_everything(ctx, cfg.train.seed)
+    if ctx.device.type == "cpu":
+        configure_host_allocator(cfg.train.host_allocator)  # before the model's memory is allocated
     log.info("megahet: %d ranks, tp=%d pp=%d dp=%d ep=%d, backend %s", ctx.world_size, ctx.tp, ctx.pp, ctx.dp,
              ctx.ep, ctx.backend.name)
     log.info("plan:\n%s", ctx.plan.table(ctx.cluster))

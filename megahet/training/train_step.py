@@ -60,8 +60,12 @@ def reduce_loss_for_logging(loss_sum: torch.Tensor, ctx: ParallelContext) -> flo
 
 
 def train_step(model_chunks, ddp, optimizer, ctx: ParallelContext, microbatches, *, schedule: str,
-               loss_scaler=None, moe_tracker=None, tracer=None) -> StepResult:
-    """Forward/backward over `microbatches` (this replica's), gradient sync and optimizer step."""
+               loss_scaler=None, moe_tracker=None, tracer=None, timers=None) -> StepResult:
+    """Forward/backward over `microbatches` (this replica's), gradient sync and optimizer step.
+
+    `timers` (megahet.training.timers.Timers, optional) times "grad-sync" here and the optimizer's
+    phases ("norm-clip", "optimizer"); forward/backward are timed per action through `tracer`.
+    """
     start = time.perf_counter()
     global_tokens = global_token_count(microbatches, ctx)
     ddp.start_grad_accumulation()  # first writes overwrite: no pass zeroing the buffers
@@ -70,8 +74,12 @@ def train_step(model_chunks, ddp, optimizer, ctx: ParallelContext, microbatches,
     scale = loss_scaler.scale if loss_scaler is not None else 1.0
     out = forward_backward(model_chunks, microbatches, ctx, global_tokens=global_tokens, schedule=schedule,
                            loss_scale=scale, ddp=ddp, moe_tracker=moe_tracker, tracer=tracer)
+    if timers is not None:
+        timers("grad-sync").start()
     ddp.finish_grad_sync()
-    result = optimizer.step()
+    if timers is not None:
+        timers("grad-sync").stop()
+    result = optimizer.step(timers)
     if result.ok and moe_tracker is not None:
         moe_tracker.update_expert_bias(ctx)
     loss = reduce_loss_for_logging(out.loss_sum, ctx) / max(global_tokens, 1.0)
