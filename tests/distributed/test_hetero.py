@@ -68,6 +68,13 @@ def test_bridge_only_on_the_cross_domain_hop(tmp_path):
     assert per_rank[0] == 0 and per_rank[1] > 0 and per_rank[2] > 0, per_rank  # cpu->cpu stays native
 
 
+def test_interleaved_virtual_stages_across_domains(tmp_path):
+    ref = losses(_run(1, tmp_path, "ref", train_iters=3, num_layers=8))
+    plan = "virtual_stages: 2\n" + plan_text([4, 4], [(2, 4, [("fast", 1), ("slow", 1)])])
+    rec = _run(2, tmp_path, "vpp", train_iters=3, num_layers=8, **_files(tmp_path, "vpp", CPU_SIM, plan))
+    _same(losses(rec), ref)
+
+
 def test_uneven_micro_batches_across_domains(tmp_path):
     ref = losses(_run(1, tmp_path, "ref", train_iters=3, global_batch_size=12))
     plan = plan_text([4], [(3, 2, [("fast", 1)]), (1, 6, [("slow", 1)])])
