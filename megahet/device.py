@@ -188,9 +188,12 @@ def measure_matmul_flops(backend: Backend, dtype: torch.dtype, max_size: int = 1
     if key in _MEASURED_FLOPS:
         return _MEASURED_FLOPS[key]
     size = 128
+    # A private generator: how many sizes are tried depends on timing, and the job's RNG state (saved in
+    # checkpoints) must not.
+    gen = torch.Generator().manual_seed(0)
     while True:
-        a = torch.randn(size, size, device=device).to(dtype)  # [size, size]
-        b = torch.randn(size, size, device=device).to(dtype)  # [size, size]
+        a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)  # [size, size]
+        b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)  # [size, size]
         _time_matmul(backend, a, b, device)  # first call at a size pays allocation and dispatch
         one = _time_matmul(backend, a, b, device)
         if size >= max_size or one * 16 > seconds:
