@@ -6,6 +6,7 @@ plans and pipeline bubbles show up in measured step times.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Optional
 
@@ -22,12 +23,14 @@ class SimBackend(CPUBackend):
         speed: fraction of this CPU's speed to simulate, in (0, 1].
         domain: communication domain name; give groups different names to make several sim domains.
         peak_tflops: peak TFLOP/s of the simulated device; when unset, measured CPU speed x speed.
+        speed_file: a file holding a speed in (0, 1]; when it exists its value replaces `speed`, re-read
+            when it changes, so a test can slow the device down (or speed it up) mid-run.
     """
 
     name = "sim"
 
     def __init__(self, speed: float = 1.0, domain: str = "sim", *,
-                 peak_tflops: Optional[float] = None) -> None:
+                 peak_tflops: Optional[float] = None, speed_file: Optional[str] = None) -> None:
         super().__init__(peak_tflops=peak_tflops)
         if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0 < speed <= 1:
             raise MegahetError(f"sim backend: speed={speed!r} must be in (0, 1] (a fraction of CPU "
@@ -36,6 +39,8 @@ class SimBackend(CPUBackend):
             raise MegahetError(f"sim backend: domain={domain!r} must be a non-empty name such as 'sim'")
         self.speed = float(speed)
         self.domain = domain
+        self.speed_file = speed_file
+        self._speed_stamp = None  # (mtime_ns, size) of the speed file last read
 
     def __repr__(self) -> str:
         return f"SimBackend(speed={self.speed}, domain={self.domain!r})"
@@ -48,6 +53,26 @@ class SimBackend(CPUBackend):
         if elapsed_s < 0:
             raise MegahetError(f"after_compute got a negative elapsed time {elapsed_s}: pass the "
                                "measured seconds of the compute chunk")
+        if self.speed_file is not None:
+            self._reload_speed()
         delay = (1.0 / self.speed - 1.0) * elapsed_s
         if delay > 0:
             time.sleep(delay)
+
+    def _reload_speed(self) -> None:
+        try:
+            st = os.stat(self.speed_file)
+        except OSError:
+            return  # no file (yet): keep the configured speed
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp == self._speed_stamp:
+            return
+        self._speed_stamp = stamp
+        try:
+            with open(self.speed_file) as fh:
+                speed = float(fh.read().strip())
+        except (OSError, ValueError):
+            return  # being written: read it at the next chunk
+        if not 0 < speed <= 1:
+            raise MegahetError(f"sim backend: {self.speed_file} holds speed {speed}; write a number in (0, 1]")
+        self.speed = speed

@@ -179,6 +179,8 @@ class HeteroConfig:
     cluster: Optional[str] = _f(None, "Cluster spec YAML (device groups, backends, links).")
     plan: Optional[str] = _f(None, "Plan YAML (default: chosen automatically from the cluster).")
     backend: Optional[str] = _f(None, "Backend of every rank when no cluster is given (default: best available).")
+    straggler_threshold: float = _f(1.5, "Report a rank whose compute time exceeds this multiple of the median.")
+    rebalance: bool = _f(False, "Move micro-batches between data-parallel replicas when their measured speeds drift.")
 
 
 @dataclass
@@ -501,6 +503,11 @@ def validate_config(cfg: MegahetConfig, world_size: Optional[int] = None) -> Non
         _err("--tokenizer-type NullTokenizer without --data-path needs --mock-data")
     if d.tokenizer_type == "NullTokenizer" and m.vocab_size is None:
         _err("--tokenizer-type NullTokenizer needs --vocab-size")
+    if not cfg.hetero.straggler_threshold > 1:
+        _err(f"--straggler-threshold {cfg.hetero.straggler_threshold} must be > 1 (a multiple of the median compute time)")
+    if cfg.hetero.rebalance and _vpp(cfg) > 1:
+        _err("--rebalance cannot change micro-batch counts under the interleaved schedule; drop "
+             "--num-layers-per-virtual-pipeline-stage or --rebalance")
     if world_size is not None:
         validate_world(cfg, world_size)
 

@@ -14,7 +14,7 @@ from megahet.errors import MegahetError
 from megahet.parallel.context import RankSpec
 
 _GROUP_KEYS = {"name", "backend", "devices", "devices_per_node", "tflops", "memory_gb", "speed", "domain", "site",
-               "efficiency", "memory_bandwidth_gbps"}
+               "efficiency", "memory_bandwidth_gbps", "speed_file"}
 _LINK_KEYS = {"intra_node", "inter_node", "cross_domain", "cross_site", "cross_site_latency_ms"}
 
 
@@ -31,6 +31,7 @@ class DeviceGroup:
     site: Optional[str] = None  # data centre; groups on different sites talk over links.cross_site
     efficiency: Optional[float] = None  # planner: achievable fraction of `tflops` (hetero/cost_model.py)
     memory_bandwidth_gbps: Optional[float] = None  # planner: device memory bandwidth for the optimizer step
+    speed_file: Optional[str] = None  # sim only: a file whose number, when present, overrides `speed` live
 
     def backend_options(self) -> Dict:
         opts: Dict = {}
@@ -38,6 +39,10 @@ class DeviceGroup:
             if self.backend != "sim":
                 raise MegahetError(f"cluster group '{self.name}': 'speed' applies to the sim backend only")
             opts["speed"] = self.speed
+        if self.speed_file is not None:
+            if self.backend != "sim":
+                raise MegahetError(f"cluster group '{self.name}': 'speed_file' applies to the sim backend only")
+            opts["speed_file"] = str(self.speed_file)
         if self.domain is not None:
             opts["domain"] = self.domain
         if self.tflops is not None:
@@ -84,7 +89,8 @@ def parse_cluster(raw: dict, source: str = "cluster spec") -> ClusterSpec:
                                   devices=devices, devices_per_node=g.get("devices_per_node"),
                                   tflops=g.get("tflops"), memory_gb=g.get("memory_gb"), speed=g.get("speed"),
                                   domain=g.get("domain"), site=None if g.get("site") is None else str(g["site"]),
-                                  efficiency=g.get("efficiency"), memory_bandwidth_gbps=g.get("memory_bandwidth_gbps")))
+                                  efficiency=g.get("efficiency"), memory_bandwidth_gbps=g.get("memory_bandwidth_gbps"),
+                                  speed_file=g.get("speed_file")))
     links = raw.get("links") or {}
     if not isinstance(links, dict):
         raise MegahetError(f"{source}: 'links' must be a mapping such as {{cross_domain: 10}} (GB/s)")

@@ -30,6 +30,7 @@ from megahet.training.flops import model_flops_utilization, tflops_per_device, t
 from megahet.training.loss_scaler import build_loss_scaler
 from megahet.training.lr_schedule import LRScheduler
 from megahet.training.metrics import MetricsLogger
+from megahet.training.rebalance import StragglerMonitor
 from megahet.training.model_builder import build_model_chunks, build_moe_tracker, params_dtype
 from megahet.training.optimizer_setup import build_optimizer
 from megahet.training.trace_export import export_step_trace
@@ -100,9 +101,11 @@ def pretrain(cfg: MegahetConfig) -> dict:
     state = TrainState()
     if cfg.checkpoint.load:
         resume(cfg, ctx, chunks, optimizer, scheduler, scaler, state, data.vocab_size)
-    mine = ctx.plan.pipelines[ctx.dp_rank]  # this replica's micro-batch size and count
+    mine = ctx.plan.pipelines[ctx.dp_rank]  # this replica's micro-batch size and count (--rebalance edits them)
     dp_sizes = [p.samples for p in ctx.plan.pipelines]
     schedule = schedule_name(cfg, mine.micro_batches)
+    stragglers = StragglerMonitor(ctx, t.global_batch_size, [p.micro_batch_size for p in ctx.plan.pipelines],
+                                  threshold=cfg.hetero.straggler_threshold, rebalance=cfg.hetero.rebalance)
     flops_per_token = transformer_flops_per_token(
         m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups, m.seq_length,
         data.vocab_size, m.swiglu, m.num_experts, m.moe_router_topk, m.moe_ffn_hidden_size,
@@ -135,6 +138,8 @@ def pretrain(cfg: MegahetConfig) -> dict:
             state.iteration += 1
             state.consumed_samples += t.global_batch_size
             meter.add(result.step_time_s)
+            straggling, next_sizes = stragglers.step(result.compute_time_s, dp_sizes, state.iteration,
+                                                     warn=ctx.rank == 0)
             account_for_skips(state, result, scheduler, t.max_skipped_steps, warn=ctx.rank == 0)
             evaluated = {}
             if data.valid is not None and t.eval_interval and state.iteration % t.eval_interval == 0:
@@ -152,10 +157,16 @@ def pretrain(cfg: MegahetConfig) -> dict:
                     values.update(tracker.report(ctx))  # a collective: every rank logs the same iterations
                 values.update(evaluated)
                 values.update(stats.collect())  # a collective: per-stage compute / idle / bridge time
+                values.update(straggling, replica_samples=list(dp_sizes))
                 logger.log(state.iteration, values)
                 if show_stages:
                     log.info(format_stage_line(values))
                 last = values
+            if next_sizes != dp_sizes:  # at the step boundary: same global batch, new split of the running plan
+                dp_sizes = next_sizes
+                for pipe, samples in zip(ctx.plan.pipelines, dp_sizes):
+                    pipe.micro_batches = samples // pipe.micro_batch_size
+                schedule = schedule_name(cfg, mine.micro_batches)
             should_exit = exit_requested(cfg, ctx, state, start_time)
             save_now = cfg.checkpoint.save and (
                 (cfg.checkpoint.save_interval and state.iteration % cfg.checkpoint.save_interval == 0)

@@ -26,6 +26,7 @@ class StepResult:
     ok: bool  # False when the update was skipped (NaN/Inf)
     grad_norm: float
     step_time_s: float
+    compute_time_s: float = 0.0  # this rank's forward/backward (straggler detection, --rebalance)
 
 
 def replica_microbatches(dataset, consumed_samples: int, global_batch_size: int, replica_sizes: List[int],
@@ -72,8 +73,11 @@ def train_step(model_chunks, ddp, optimizer, ctx: ParallelContext, microbatches,
     if moe_tracker is not None:
         moe_tracker.reset()
     scale = loss_scaler.scale if loss_scaler is not None else 1.0
+    compute_start = time.perf_counter()
     out = forward_backward(model_chunks, microbatches, ctx, global_tokens=global_tokens, schedule=schedule,
                            loss_scale=scale, ddp=ddp, moe_tracker=moe_tracker, tracer=tracer)
+    ctx.backend.synchronize()  # the device's compute is done: its time, not the host's launch time
+    compute_s = time.perf_counter() - compute_start
     if timers is not None:
         timers("grad-sync").start()
     ddp.finish_grad_sync()
@@ -85,7 +89,8 @@ def train_step(model_chunks, ddp, optimizer, ctx: ParallelContext, microbatches,
     loss = reduce_loss_for_logging(out.loss_sum, ctx) / max(global_tokens, 1.0)
     ctx.backend.synchronize()
     return StepResult(loss=loss, tokens=int(global_tokens), ok=bool(result.ok) and math.isfinite(loss),
-                      grad_norm=float(result.grad_norm), step_time_s=time.perf_counter() - start)
+                      grad_norm=float(result.grad_norm), step_time_s=time.perf_counter() - start,
+                      compute_time_s=compute_s)
 
 
 def evaluate(model_chunks, ctx: ParallelContext, dataset, *, eval_iters: int, global_batch_size: int,

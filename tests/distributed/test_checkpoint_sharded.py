@@ -56,3 +56,22 @@ def test_resume_and_load_model_never_unpickle(tmp_path, monkeypatch):
     model = load_model(ck)
     logits = model(torch.zeros(1, 4, dtype=torch.long))
     assert logits.shape == (1, 4, 128) and torch.isfinite(logits).all()
+
+
+def test_model_only_checkpoint_finetunes_like_the_full_one(tmp_path):
+    """write_model_checkpoint (what HF conversion writes) round-trips: --finetune from it trains exactly
+    like --finetune from the full checkpoint it was extracted from, and --load accepts it too."""
+    from megahet.training.checkpoint_format import CheckpointReader, write_model_checkpoint
+    full = str(tmp_path / "full")
+    run_distributed(train, 1, {"train_iters": 2, "save": full}, timeout=180)
+    reader = CheckpointReader(full)
+    only = str(tmp_path / "only")
+    write_model_checkpoint(only, ((n[len("model/"):], reader.read(n)) for n in reader.tensor_names()),
+                           {"config": reader.meta["config"], "vocab_size": reader.meta["vocab_size"]})
+    runs = {}
+    for name, src, flag in (("a", full, "finetune"), ("b", only, "finetune"), ("c", only, None)):
+        over = {"train_iters": 3, "load": src, "metrics_file": str(tmp_path / f"{name}.jsonl")}
+        if flag:
+            over[flag] = True
+        runs[name] = losses(run_distributed(train, 1, over, timeout=180)[0])
+    assert runs["a"] == runs["b"] == runs["c"] and len(runs["a"]) == 3

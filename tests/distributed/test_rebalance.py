@@ -1,0 +1,64 @@
+"""Stragglers and online rebalancing: a sim device slowed mid-run by a control file."""
+import json
+import os
+import threading
+import time
+
+from megahet.testing import run_distributed
+from megahet.training.rebalance import best_split, predicted_step
+from tests.distributed.train_cases import losses, train
+
+
+def _slow_down_at(metrics: str, iteration: int, speed_file: str, speed: float, stop: threading.Event):
+    """Write `speed` into the sim's control file once the run has logged `iteration`."""
+    while not stop.is_set():
+        try:
+            with open(metrics) as fh:
+                if sum(1 for _ in fh) >= iteration:
+                    with open(speed_file, "w") as out:
+                        out.write(str(speed))
+                    return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.02)
+
+
+def _run(tmp_path, name, rebalance):
+    speed_file = str(tmp_path / f"{name}.speed")
+    cluster = tmp_path / f"{name}.yaml"
+    cluster.write_text("groups:\n  - {name: fast, backend: cpu, devices: 1}\n"
+                       f"  - {{name: slow, backend: sim, devices: 1, speed: 1.0, speed_file: {speed_file}}}\n")
+    metrics = str(tmp_path / f"{name}.jsonl")
+    stop = threading.Event()
+    writer = threading.Thread(target=_slow_down_at, args=(metrics, 3, speed_file, 0.2, stop), daemon=True)
+    writer.start()
+    try:
+        return run_distributed(train, 2, {"metrics_file": metrics, "train_iters": 12, "global_batch_size": 32,
+                                          "micro_batch_size": 1, "cluster": str(cluster), "rebalance": rebalance},
+                               timeout=300)[0]
+    finally:
+        stop.set()
+
+
+def test_rebalancing_after_a_slowdown_keeps_losses_and_recovers_throughput(tmp_path):
+    static = _run(tmp_path, "static", False)
+    moved = _run(tmp_path, "moved", True)
+    for a, b in zip(losses(moved), losses(static)):  # same math: only the reduction order may differ
+        assert abs(a - b) < 2e-5 * abs(b), (losses(moved), losses(static))
+    assert all(r["replica_samples"] == [16, 16] for r in static)
+    assert any(r["straggler_rank"] == 1 for r in static[4:]), [r["slowest_ratio"] for r in static]
+    splits = [r["replica_samples"] for r in moved]
+    # The control file is written once 3 steps are logged: step 4 or 5 runs slowed; 2 steps later the
+    # slow replica has less work, and it keeps less to the end.
+    assert all(s[1] < 16 for s in splits[6:]), splits
+    # Throughput against what the new speeds allow: per replica, seconds per sample measured over the last
+    # 4 steps (pooled: this machine is shared, single steps are noisy); the step time those speeds give
+    # the splits used vs the best split in whole micro-batches.
+    tail = moved[-4:]
+    cost = [sum(r["rank_compute_time_s"][i] for r in tail) / sum(r["replica_samples"][i] for r in tail)
+            for i in range(2)]
+    best = predicted_step(best_split(cost, 32, 1), cost)
+    used = sum(predicted_step(r["replica_samples"], cost) for r in tail) / len(tail)
+    assert best / used >= 0.9, (best, used, cost, splits, [r.get("replica_s_per_sample") for r in moved])
+    static_used = predicted_step([16, 16], cost)
+    assert best / static_used < 0.75, (best, static_used, cost)  # the slowdown was real: rebalancing mattered

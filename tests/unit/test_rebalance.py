@@ -1,0 +1,29 @@
+"""Straggler reports and the replica split chosen from measured speeds (no processes)."""
+import itertools
+
+from megahet.training.rebalance import Rebalancer, best_split, predicted_step, straggler_report
+
+
+def test_best_split_is_optimal_in_whole_micro_batches():
+    for costs in ([1.0, 1.0], [1.0, 4.0], [3.0, 1.0, 2.0], [1.0, 1.0, 10.0, 1.0]):
+        for mbs in (1, 2):
+            gbs = 12 * mbs
+            got = best_split(costs, gbs, mbs)
+            assert sum(got) == gbs and min(got) >= mbs and all(g % mbs == 0 for g in got)
+            brute = min(predicted_step([c * mbs for c in split], costs)
+                        for split in itertools.product(range(1, 13), repeat=len(costs)) if sum(split) == 12)
+            assert predicted_step(got, costs) == brute
+
+
+def test_rebalancer_moves_work_only_for_a_real_gain():
+    rb = Rebalancer(16, 1, 2, min_gain=0.05, smoothing=1.0, warmup_steps=1)
+    assert rb.update([8, 8], [0.1, 9.0]) == [8, 8]  # the first step is warm-up: ignored
+    assert rb.update([8, 8], [0.80, 0.82]) == [8, 8]  # balanced within noise: keep
+    assert rb.update([8, 8], [0.8, 4.0]) == [14, 2]  # replica 1 became 5x slower per sample: max(1.4, 1.0)
+    assert rb.update([14, 2], [1.4, 1.0]) == [14, 2]  # settled
+
+
+def test_straggler_report():
+    rep = straggler_report([1.0, 1.1, 0.9, 2.0], threshold=1.3)
+    assert rep["straggler_rank"] == 3 and rep["slowest_ratio"] == 2.0 / 1.05
+    assert straggler_report([1.0, 1.1, 1.2], threshold=1.3)["straggler_rank"] == -1
