@@ -4,10 +4,10 @@ Every step each rank's forward/backward time goes into one all-reduce over the w
 with one slot per rank), so every rank sees every rank's time and takes the same decisions. A rank
 slower than `threshold` x the median is reported (log, metrics, wandb).
 
-With --rebalance, replica r's cost per sample is estimated as (its slowest rank's compute time) /
+With --rebalance, replica (plan pipeline) r's cost per sample is estimated as (its slowest rank's compute time) /
 (its samples), smoothed over steps. When a split of the global batch in whole micro-batches
-proportional to the measured speeds would make the step at least `min_gain` faster, the split changes
-at the step boundary. Uneven replica batches are exact in megahet (losses and gradients are weighted
+proportional to the measured speeds would make the step at least `min_gain` faster, the running plan's
+per-pipeline micro-batch counts change at the step boundary (micro-batch sizes stay). Uneven replica batches are exact in megahet (losses and gradients are weighted
 by the global batch's tokens, see train_step.py), so only the floating-point reduction order changes,
 never the math or the data order.
 """
@@ -33,8 +33,13 @@ def gather_compute_times(ctx: ParallelContext, compute_s: float) -> List[float]:
 
 
 def replica_of_rank(ctx: ParallelContext) -> List[int]:
-    """Data-parallel replica (dp rank) of every global rank: rank = tp_rank + tp * (dp_rank + dp * pp_rank)."""
-    return [(r // ctx.tp) % ctx.dp for r in range(ctx.world_size)]
+    """Data-parallel replica (pipeline of the plan) of every global rank."""
+    out = [0] * ctx.world_size
+    for d, stages in enumerate(ctx.assignment):  # [pipeline][stage] -> global ranks
+        for ranks in stages:
+            for r in ranks:
+                out[r] = d
+    return out
 
 
 def straggler_report(times: Sequence[float], threshold: float) -> Dict[str, float]:
@@ -47,18 +52,26 @@ def straggler_report(times: Sequence[float], threshold: float) -> Dict[str, floa
             "rank_compute_time_s": list(times)}
 
 
-def best_split(cost_per_sample: Sequence[float], global_batch_size: int, micro_batch_size: int) -> List[int]:
-    """Samples per replica (whole micro-batches, at least one each) minimising the slowest replica's time.
+def best_split(cost_per_sample: Sequence[float], global_batch_size: int,
+               micro_batch_sizes: Sequence[int]) -> Optional[List[int]]:
+    """Samples per replica (whole micro-batches of each replica's own size, at least one each) summing to
+    the global batch and minimising the slowest replica's time; None when no such split exists.
 
     Greedy: give each next micro-batch to the replica that would finish it earliest; for identical jobs
     on machines of different speeds this is optimal.
     """
     n = len(cost_per_sample)
+    sizes = list(micro_batch_sizes)
     counts = [1] * n
-    for _ in range(global_batch_size // micro_batch_size - n):
-        r = min(range(n), key=lambda i: ((counts[i] + 1) * cost_per_sample[i], i))
+    left = global_batch_size - sum(sizes)
+    while left > 0:
+        fits = [i for i in range(n) if sizes[i] <= left]
+        if not fits:
+            return None
+        r = min(fits, key=lambda i: ((counts[i] + 1) * sizes[i] * cost_per_sample[i], i))
         counts[r] += 1
-    return [c * micro_batch_size for c in counts]
+        left -= sizes[r]
+    return [c * m for c, m in zip(counts, sizes)] if left == 0 else None
 
 
 def predicted_step(sizes: Sequence[int], cost_per_sample: Sequence[float]) -> float:
@@ -69,15 +82,15 @@ class Rebalancer:
     """Chooses the per-replica sample counts for the next step from measured compute times.
 
     Args:
-        global_batch_size, micro_batch_size: the split is in whole micro-batches summing to the batch.
-        dp: number of data-parallel replicas.
+        global_batch_size, micro_batch_sizes: the split is in whole micro-batches (each replica keeps
+            its own micro-batch size) summing to the batch.
         min_gain: change the split only when the predicted step time drops by at least this fraction.
         smoothing: weight of the newest measurement in the per-sample cost estimate (1 = no memory).
     """
 
-    def __init__(self, global_batch_size: int, micro_batch_size: int, dp: int, *, min_gain: float = 0.05,
+    def __init__(self, global_batch_size: int, micro_batch_sizes: Sequence[int], *, min_gain: float = 0.05,
                  smoothing: float = 0.5, warmup_steps: int = 1):
-        self.global_batch_size, self.micro_batch_size, self.dp = global_batch_size, micro_batch_size, dp
+        self.global_batch_size, self.micro_batch_sizes = global_batch_size, list(micro_batch_sizes)
         self.min_gain, self.smoothing = min_gain, smoothing
         self.warmup_steps = warmup_steps  # first steps (allocation, caches) do not tell a device's speed
         self.cost: Optional[List[float]] = None
@@ -93,8 +106,8 @@ class Rebalancer:
         else:
             a = self.smoothing
             self.cost = [a * m + (1 - a) * c for m, c in zip(measured, self.cost)]
-        best = best_split(self.cost, self.global_batch_size, self.micro_batch_size)
-        if predicted_step(best, self.cost) < (1 - self.min_gain) * predicted_step(sizes, self.cost):
+        best = best_split(self.cost, self.global_batch_size, self.micro_batch_sizes)
+        if best is not None and predicted_step(best, self.cost) < (1 - self.min_gain) * predicted_step(sizes, self.cost):
             return best
         return list(sizes)
 
@@ -102,11 +115,11 @@ class Rebalancer:
 class StragglerMonitor:
     """Per-step straggler metrics and, with `rebalance`, the replica split for the next step."""
 
-    def __init__(self, ctx: ParallelContext, global_batch_size: int, micro_batch_size: int, *,
+    def __init__(self, ctx: ParallelContext, global_batch_size: int, micro_batch_sizes: Sequence[int], *,
                  threshold: float = 1.5, rebalance: bool = False):
         self.ctx, self.threshold = ctx, threshold
         self.replica = replica_of_rank(ctx)
-        self.rebalancer = Rebalancer(global_batch_size, micro_batch_size, ctx.dp) if rebalance else None
+        self.rebalancer = Rebalancer(global_batch_size, micro_batch_sizes) if rebalance else None
         self._warned = -1
 
     def step(self, compute_s: float, sizes: List[int], iteration: int, warn: bool) -> tuple:

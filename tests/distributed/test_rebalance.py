@@ -57,7 +57,7 @@ def test_rebalancing_after_a_slowdown_keeps_losses_and_recovers_throughput(tmp_p
     tail = moved[-4:]
     cost = [sum(r["rank_compute_time_s"][i] for r in tail) / sum(r["replica_samples"][i] for r in tail)
             for i in range(2)]
-    best = predicted_step(best_split(cost, 32, 1), cost)
+    best = predicted_step(best_split(cost, 32, [1, 1]), cost)
     used = sum(predicted_step(r["replica_samples"], cost) for r in tail) / len(tail)
     assert best / used >= 0.9, (best, used, cost, splits, [r.get("replica_s_per_sample") for r in moved])
     static_used = predicted_step([16, 16], cost)

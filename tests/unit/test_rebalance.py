@@ -8,7 +8,7 @@ def test_best_split_is_optimal_in_whole_micro_batches():
     for costs in ([1.0, 1.0], [1.0, 4.0], [3.0, 1.0, 2.0], [1.0, 1.0, 10.0, 1.0]):
         for mbs in (1, 2):
             gbs = 12 * mbs
-            got = best_split(costs, gbs, mbs)
+            got = best_split(costs, gbs, [mbs] * len(costs))
             assert sum(got) == gbs and min(got) >= mbs and all(g % mbs == 0 for g in got)
             brute = min(predicted_step([c * mbs for c in split], costs)
                         for split in itertools.product(range(1, 13), repeat=len(costs)) if sum(split) == 12)
@@ -16,7 +16,7 @@ def test_best_split_is_optimal_in_whole_micro_batches():
 
 
 def test_rebalancer_moves_work_only_for_a_real_gain():
-    rb = Rebalancer(16, 1, 2, min_gain=0.05, smoothing=1.0, warmup_steps=1)
+    rb = Rebalancer(16, [1, 1], min_gain=0.05, smoothing=1.0, warmup_steps=1)
     assert rb.update([8, 8], [0.1, 9.0]) == [8, 8]  # the first step is warm-up: ignored
     assert rb.update([8, 8], [0.80, 0.82]) == [8, 8]  # balanced within noise: keep
     assert rb.update([8, 8], [0.8, 4.0]) == [14, 2]  # replica 1 became 5x slower per sample: max(1.4, 1.0)
@@ -27,3 +27,9 @@ def test_straggler_report():
     rep = straggler_report([1.0, 1.1, 0.9, 2.0], threshold=1.3)
     assert rep["straggler_rank"] == 3 and rep["slowest_ratio"] == 2.0 / 1.05
     assert straggler_report([1.0, 1.1, 1.2], threshold=1.3)["straggler_rank"] == -1
+
+
+def test_best_split_keeps_each_replicas_micro_batch_size():
+    got = best_split([1.0, 3.0], 12, [2, 1])  # replica 0 takes micro-batches of 2, replica 1 of 1
+    assert got == [10, 2] and sum(got) == 12
+    assert best_split([1.0, 1.0], 7, [2, 4]) is None  # 7 samples cannot be cut into 2s and 4s
