@@ -57,21 +57,54 @@ def best_split(cost_per_sample: Sequence[float], global_batch_size: int,
     """Samples per replica (whole micro-batches of each replica's own size, at least one each) summing to
     the global batch and minimising the slowest replica's time; None when no such split exists.
 
-    Greedy: give each next micro-batch to the replica that would finish it earliest; for identical jobs
-    on machines of different speeds this is optimal.
+    Equal micro-batch sizes: greedy (each next micro-batch to the replica that would finish it earliest),
+    optimal for identical jobs on machines of different speeds. Mixed sizes: the smallest feasible step
+    time by bisection, feasibility by a subset-sum over sample counts (a Python int as bitset).
     """
-    n = len(cost_per_sample)
     sizes = list(micro_batch_sizes)
-    counts = [1] * n
-    left = global_batch_size - sum(sizes)
-    while left > 0:
-        fits = [i for i in range(n) if sizes[i] <= left]
-        if not fits:
+    if len(set(sizes)) == 1:
+        m = sizes[0]
+        if global_batch_size % m or global_batch_size < m * len(sizes):
             return None
-        r = min(fits, key=lambda i: ((counts[i] + 1) * sizes[i] * cost_per_sample[i], i))
-        counts[r] += 1
-        left -= sizes[r]
-    return [c * m for c, m in zip(counts, sizes)] if left == 0 else None
+        counts = [1] * len(sizes)
+        for _ in range(global_batch_size // m - len(sizes)):
+            r = min(range(len(sizes)), key=lambda i: ((counts[i] + 1) * cost_per_sample[i], i))
+            counts[r] += 1
+        return [c * m for c in counts]
+    limits = sorted({k * m * c for m, c in zip(sizes, cost_per_sample) for k in range(1, global_batch_size // m + 1)})
+    lo, hi, found = 0, len(limits) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        split = _split_within(limits[mid], cost_per_sample, sizes, global_batch_size)
+        if split is None:
+            lo = mid + 1
+        else:
+            found, hi = split, mid - 1
+    return found
+
+
+def _split_within(limit: float, cost: Sequence[float], sizes: Sequence[int], total: int) -> Optional[List[int]]:
+    """Samples per replica summing to `total`, each replica's time <= `limit`, or None."""
+    mask = (1 << (total + 1)) - 1
+    layers = [1]  # layers[i]: bitset of sample totals reachable with replicas < i
+    for m, c in zip(sizes, cost):
+        most = min(int(limit / (m * c) + 1e-9) if c > 0 else total // m, total // m)
+        if most < 1:
+            return None
+        nxt = 0
+        for k in range(1, most + 1):
+            nxt |= layers[-1] << (k * m)
+        layers.append(nxt & mask)
+    if not (layers[-1] >> total) & 1:
+        return None
+    out, left = [0] * len(sizes), total
+    for i in range(len(sizes) - 1, -1, -1):  # walk back: pick a count whose remainder was reachable
+        m = sizes[i]
+        for k in range(1, left // m + 1):
+            if k * m * cost[i] <= limit + 1e-12 and (layers[i] >> (left - k * m)) & 1:
+                out[i], left = k * m, left - k * m
+                break
+    return out
 
 
 def predicted_step(sizes: Sequence[int], cost_per_sample: Sequence[float]) -> float:

@@ -31,5 +31,10 @@ def test_straggler_report():
 
 def test_best_split_keeps_each_replicas_micro_batch_size():
     got = best_split([1.0, 3.0], 12, [2, 1])  # replica 0 takes micro-batches of 2, replica 1 of 1
-    assert got == [10, 2] and sum(got) == 12
+    assert got == [10, 2] and sum(got) == 12  # max(10 x 1, 2 x 3): greedy would stop at [8, 4]
+    for costs in ([1.0, 2.0, 0.5], [3.0, 1.0, 1.0]):
+        got = best_split(costs, 24, [2, 4, 1])
+        brute = min(predicted_step([a * 2, b * 4, 24 - a * 2 - b * 4], costs)
+                    for a in range(1, 12) for b in range(1, 6) if 24 - a * 2 - b * 4 >= 1)
+        assert sum(got) == 24 and got[0] % 2 == 0 and got[1] % 4 == 0 and predicted_step(got, costs) == brute
     assert best_split([1.0, 1.0], 7, [2, 4]) is None  # 7 samples cannot be cut into 2s and 4s
