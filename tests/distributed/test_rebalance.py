@@ -33,7 +33,7 @@ def _run(tmp_path, name, rebalance):
     writer = threading.Thread(target=_slow_down_at, args=(metrics, 3, speed_file, 0.2, stop), daemon=True)
     writer.start()
     try:
-        return run_distributed(train, 2, {"metrics_file": metrics, "train_iters": 12, "global_batch_size": 32,
+        return run_distributed(train, 2, {"metrics_file": metrics, "train_iters": 16, "global_batch_size": 32,
                                           "micro_batch_size": 1, "cluster": str(cluster), "rebalance": rebalance},
                                timeout=300)[0]
     finally:
