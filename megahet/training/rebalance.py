@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from megahet.errors import MegahetError
 from megahet.parallel.context import ParallelContext
 
 log = logging.getLogger("megahet")
@@ -150,6 +151,9 @@ class StragglerMonitor:
 
     def __init__(self, ctx: ParallelContext, global_batch_size: int, micro_batch_sizes: Sequence[int], *,
                  threshold: float = 1.5, rebalance: bool = False):
+        if rebalance and ctx.ep > 1:
+            raise MegahetError("--rebalance cannot change micro-batch counts under expert parallelism (the "
+                               "pipelines of an expert-parallel group must keep equal counts); drop --rebalance")
         self.ctx, self.threshold = ctx, threshold
         self.replica = replica_of_rank(ctx)
         self.rebalancer = Rebalancer(global_batch_size, micro_batch_sizes) if rebalance else None
