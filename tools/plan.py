@@ -43,6 +43,25 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+_TOOL_ONLY = {"--json": 0, "--output": 1, "--figure": 1, "--no-profile": 0, "--layout": 1, "--confirm": 1,
+              "--allow-idle": 0, "--data-parallel-size": 1, "--cluster": 1, "--plan": 1}
+
+
+def _training_flags(argv):
+    """The command line minus the planning-only flags: what each --confirm training run gets."""
+    out, skip = [], 0
+    for a in argv:
+        if skip:
+            skip -= 1
+            continue
+        name = a.split("=", 1)[0]
+        if name in _TOOL_ONLY:
+            skip = 0 if "=" in a else _TOOL_ONLY[name]
+            continue
+        out.append(a)
+    return out
+
+
 def _bar(done: int, total: int, label: str) -> None:
     width = 30
     fill = int(width * done / max(total, 1))
@@ -72,7 +91,8 @@ def main(argv=None) -> int:
                        progress=None if args.json else _bar, layout=args.layout, allow_idle=args.allow_idle)
         if args.confirm:
             from megahet.hetero.confirm import confirm
-            res = confirm(res, cfg, args, args.confirm)
+            res = confirm(res, cluster, args.cluster, _training_flags(argv if argv is not None else sys.argv[1:]),
+                          args.confirm)
         if args.output:
             from megahet.hetero.plan_io import write_plan
             write_plan(res.plan, args.output)

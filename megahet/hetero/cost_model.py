@@ -119,7 +119,8 @@ class GroupSpec:
 
     @property
     def memory_bytes(self) -> float:
-        return (self.memory_gb - self.reserved_gb) * GB
+        """The device's memory; a rank's predicted total includes `reserved_gb` (Memory.reserved)."""
+        return self.memory_gb * GB
 
 
 @dataclass

@@ -109,6 +109,7 @@ class Result:
     evaluated: int = 0
     simulated: int = 0
     seconds: float = 0.0
+    alternatives: List[Tuple[dict, Prediction, Candidate]] = field(default_factory=list)  # best first
 
 
 # -- layouts ----------------------------------------------------------------------------------------
@@ -475,7 +476,8 @@ def search(spec: cm.ModelSpec, groups: Dict[str, cm.GroupSpec], links: cm.Links,
     _, plan, pred, cand = finals[0]
     pred = predict(plan, spec, groups, links, options(cand), keep_timeline=True)
     plan["predicted"] = _predicted_block(pred, cand)
-    res = Result(plan, pred, options(cand), cand, evaluated=evaluated, simulated=simulated)
+    res = Result(plan, pred, options(cand), cand, evaluated=evaluated, simulated=simulated,
+                 alternatives=[(f[1], f[2], f[3]) for f in finals])
     other = next((f for f in finals[1:] if f[3].describe() != cand.describe() or f[1]["virtual_stages"]
                   != plan["virtual_stages"]), None)
     if other:
