@@ -1,4 +1,5 @@
-"""From the config to a validated plan: --plan FILE, or the uniform plan the parallel flags describe.
+"""From the config to a validated plan: --plan FILE, the planner's choice (--cluster without --plan or
+layout flags), or the uniform plan the parallel flags describe.
 
 One code path: either way the runtime gets a Plan and its rank assignment. A plan file also sets the
 config's pipeline fields (stage count, layers per stage, virtual stages), so everything that reads
@@ -11,6 +12,7 @@ from typing import List, Tuple
 
 from megahet.config import MegahetConfig, validate_world
 from megahet.errors import MegahetError
+from megahet.hetero.autoplan import choose_plan, layout_flags_given
 from megahet.hetero.cluster import ClusterSpec, load_cluster
 from megahet.hetero.plan import Plan, load_plan, single_group_cluster
 from megahet.parallel.pipeline import virtual_stages
@@ -27,6 +29,11 @@ def build_plan(cfg: MegahetConfig, world_size: int) -> Tuple[Plan, ClusterSpec, 
         cluster = single_group_cluster(world_size, cfg.hetero.backend or default_backend_name())
     if cfg.hetero.plan:
         plan = load_plan(cfg.hetero.plan)
+        apply_plan_to_config(cfg, plan)
+    elif cfg.hetero.cluster and not layout_flags_given(cfg):
+        # --cluster without --plan or layout flags: the planner chooses (every local rank gets the same plan
+        # from the same cached profile; see hetero/autoplan.py).
+        plan = choose_plan(cfg, cluster)
         apply_plan_to_config(cfg, plan)
     else:
         validate_world(cfg, world_size)
