@@ -8,7 +8,7 @@ from setuptools import setup
 
 FOLDERS = {"megahet": "megahet", "megahet.backends": "backends", "megahet.models": "models",
            "megahet.tokenizer": "tokenizer"}
-SUBPACKAGES = ["megahet.parallel", "megahet.moe", "megahet.hetero", "megahet.data", "megahet.training"]
+SUBPACKAGES = ["megahet.parallel", "megahet.moe", "megahet.hetero", "megahet.data", "megahet.training", "megahet.hf"]
 
 setup(
     name="megahet",
