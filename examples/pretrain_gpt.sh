@@ -8,7 +8,8 @@
 # CLUSTER (a cluster spec: --cluster; the rank count defaults to its devices) and PLAN (--plan), e.g.
 #   CLUSTER=examples/configs/cluster_cpu_sim.yaml PLAN=examples/configs/plan_cpu_sim_pipeline.yaml bash examples/pretrain_gpt.sh
 # With no --data-path the built-in corpus (Python's own documentation) is tokenized once and cached.
-# Extra flags override the config, e.g. --train-iters 50 --tensor-model-parallel-size 2.
+# Extra flags override the config and every flag this script passes, e.g. --train-iters 50
+# --tensor-model-parallel-size 2, or --save DIR (which also resumes from DIR unless --load is given).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -28,6 +29,38 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 CONFIG="${CONFIG:-$HERE/configs/moe_small.yaml}"
 RUN_DIR="${RUN_DIR:-runs/pretrain_gpt}"
 
+# The value the user gave for flag $1 (--flag VALUE or --flag=VALUE), if any.
+user_value() {
+    local flag="$1"; shift
+    while [[ $# -gt 0 ]]; do
+        case "$1" in
+            "$flag") echo "${2:-}"; return 0 ;;
+            "$flag="*) echo "${1#*=}"; return 0 ;;
+        esac
+        shift
+    done
+    return 1
+}
+given() { user_value "$@" > /dev/null; }
+
+if tokenizer_model="$(user_value --tokenizer-model "$@")" && [[ ! -e "$tokenizer_model" ]]; then
+    echo "megahet error: --tokenizer-model $tokenizer_model does not exist; pass an existing file or directory" >&2
+    exit 2
+fi
+# This script's defaults, each only where the user did not give the flag (extra flags win).
+defaults=()
+save="$(user_value --save "$@" || echo "$RUN_DIR/checkpoints")"
+given --save "$@" || defaults+=(--save "$save")
+given --load "$@" || defaults+=(--load "$save")
+given --config "$@" || defaults+=(--config "$CONFIG")
+given --metrics-file "$@" || defaults+=(--metrics-file "$RUN_DIR/metrics.jsonl")
+given --wandb-project "$@" || defaults+=(--wandb-project megahet)
+given --wandb-save-dir "$@" || defaults+=(--wandb-save-dir "$RUN_DIR")
+given --tensorboard-dir "$@" || defaults+=(--tensorboard-dir "$RUN_DIR/tensorboard")
+for ((i = 0; i < ${#HETERO[@]}; i += 2)); do  # CLUSTER / PLAN, unless --cluster / --plan are given
+    given "${HETERO[i]}" "$@" || defaults+=("${HETERO[i]}" "${HETERO[i + 1]}")
+done
+
 mkdir -p "$RUN_DIR"
 cores="$(nproc 2>/dev/null || echo 2)"
 threads=$(( cores / NPROC_PER_NODE ))
@@ -38,11 +71,7 @@ rm -f "$MEGAHET_ERROR_FILE"
 set +e
 torchrun --nproc-per-node "$NPROC_PER_NODE" --nnodes "$NNODES" --node-rank "$NODE_RANK" \
     --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
-    "$HERE/pretrain_gpt.py" --config "$CONFIG" ${HETERO[@]+"${HETERO[@]}"} \
-    --save "$RUN_DIR/checkpoints" --load "$RUN_DIR/checkpoints" \
-    --metrics-file "$RUN_DIR/metrics.jsonl" \
-    --wandb-project megahet --wandb-save-dir "$RUN_DIR" --tensorboard-dir "$RUN_DIR/tensorboard" \
-    "$@" 2> "$RUN_DIR/stderr.log"
+    "$HERE/pretrain_gpt.py" "${defaults[@]}" "$@" 2> "$RUN_DIR/stderr.log"
 status=$?
 set -e
 if [[ $status -ne 0 ]]; then
@@ -53,4 +82,4 @@ if [[ $status -ne 0 ]]; then
     fi
     exit "$status"
 fi
-echo "done: checkpoints in $RUN_DIR/checkpoints, metrics in $RUN_DIR/metrics.jsonl, wandb (offline) in $RUN_DIR/wandb"
+echo "done: checkpoints in $save, metrics in $RUN_DIR/metrics.jsonl, wandb (offline) in $RUN_DIR/wandb"

@@ -64,3 +64,21 @@ def test_bad_data_path_is_one_line(tmp_path):
     assert "Traceback" not in out.stderr
     lines = [line for line in out.stderr.strip().splitlines() if line]
     assert len(lines) == 1 and "megahet error:" in lines[0] and "broken" in lines[0], out.stderr
+
+
+def test_extra_flags_override_the_scripts_own(tmp_path):
+    """--save DIR replaces the script's --save and --load (the run resumes from DIR, not the default)."""
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("iter_0000099\n")  # would break a --load of it
+    mine = tmp_path / "mine"
+    out = _script(tmp_path, *SMALL, "--train-iters", "3", "--mock-data", "--save", str(mine),
+                  "--metrics-file", str(tmp_path / "m.jsonl"), "--expert-model-parallel-size", "1", nproc=1)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (mine / "latest").read_text().strip() == "iter_0000003"
+    assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 3
+
+
+def test_missing_tokenizer_model_is_an_error_even_with_mock_data(tmp_path):
+    out = _script(tmp_path, "--mock-data", "--tokenizer-model", str(tmp_path / "nope.model"), nproc=1, timeout=60)
+    assert out.returncode == 2 and out.stderr.strip() == (
+        f"megahet error: --tokenizer-model {tmp_path / 'nope.model'} does not exist; pass an existing file or directory")
