@@ -8,9 +8,10 @@ so that every receiver gets exactly the rows it needs, once (no gather-then-scat
 bytes); replicated rows are taken from the senders in turn to spread the load. Gradients flow back
 over the same routes with the roles swapped (a stage's input gradient has its input's layout).
 
-`StageP2P` implements the executor's P2P interface (`isend(tensor, peer_stage, tag)`,
-`recv(peer_stage, tag)`) on top of `Links`: same-domain pieces travel natively, cross-domain ones
-through the host bridge. Every piece carries a small shape header, so shapes may change between steps.
+`StageP2P` implements the executor's P2P interface (`exchange(sends, recvs)`, one batch of a
+schedule step) on top of `Links`: same-domain pieces travel natively, cross-domain ones through the
+host bridge. Every piece carries a small shape header (sent ahead on the host), so shapes may change
+between steps.
 """
 from __future__ import annotations
 
@@ -96,29 +97,46 @@ class StageP2P:
     def _chunks(self, stage: int) -> int:
         return self._tp(stage) if self.sp else 1
 
-    def isend(self, tensor: torch.Tensor, peer: int, tag: int):
-        """Send this rank's rows of `tensor` [s(/tp), ...] to the ranks of stage `peer` that need them."""
+    def _pieces(self, tensor: torch.Tensor, peer: int):
+        """(rows of `tensor` [s(/tp), ...], global rank) for every rank of stage `peer` that needs some."""
         seq = tensor.shape[0] * self._chunks(self.stage)  # global sequence length
         offset = Fraction(self.tp_rank % self._chunks(self.stage), self._chunks(self.stage))
-        sends = []
         for src, dst, a, b in boundary_routes(self._tp(self.stage), self._tp(peer), self.sp):
-            if src != self.tp_rank:
-                continue
-            piece = tensor[_rows(a - offset, seq):_rows(b - offset, seq)]
-            rank = self.stage_ranks[peer][dst]
-            sends += [Send(_header(piece), rank, 2 * tag), Send(piece, rank, 2 * tag + 1)]
-        handle, _ = self.links.post(sends, [])
-        return handle
+            if src == self.tp_rank:
+                yield tensor[_rows(a - offset, seq):_rows(b - offset, seq)], self.stage_ranks[peer][dst]
 
-    def recv(self, peer: int, tag: int) -> torch.Tensor:
-        """Receive this rank's rows from stage `peer` (pieces concatenated along dim 0)."""
-        srcs = [self.stage_ranks[peer][src]
+    def _sources(self, peer: int) -> List[int]:
+        return [self.stage_ranks[peer][src]
                 for src, dst, _, _ in boundary_routes(self._tp(peer), self._tp(self.stage), self.sp)
                 if dst == self.tp_rank]
-        headers = self.links.exchange([], [Recv((_HEADER,), torch.int64, r, 2 * tag) for r in srcs])
-        metas = [_parse(h) for h in headers]
-        pieces = self.links.exchange([], [Recv(shape, dtype, r, 2 * tag + 1) for r, (shape, dtype) in zip(srcs, metas)])
-        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)  # [s(/tp), ...] this rank's rows
-        if self.dtype is not None and out.is_floating_point() and out.dtype != self.dtype:
-            out = out.to(self.dtype)  # the neighbour computes in another dtype (its backend lacks bf16)
+
+    def exchange(self, sends: Sequence[tuple], recvs: Sequence[tuple]) -> List[torch.Tensor]:
+        """One communication batch of the schedule executor: ``sends`` [(tensor, peer stage, tag)],
+        ``recvs`` [(peer stage, tag)]; returns this rank's rows of each received tensor.
+
+        Shape headers go first over the host channel and are never waited on before the data (so a
+        header costs no rendezvous round: see ``schedules.simulate_schedule``); once every incoming
+        header is in, all data pieces of the batch are posted together (batched isend/irecv per
+        native group) and waited on as one.
+        """
+        header_sends, data_sends = [], []
+        for tensor, peer, tag in sends:
+            for piece, rank in self._pieces(tensor, peer):
+                header_sends.append(Send(_header(piece), rank, 2 * tag))
+                data_sends.append(Send(piece, rank, 2 * tag + 1))
+        sources = [(self._sources(peer), tag) for peer, tag in recvs]
+        header_handle, _ = self.links.post_host(header_sends, [])
+        headers = self.links.exchange_host([], [Recv((_HEADER,), torch.int64, r, 2 * tag)
+                                                for srcs, tag in sources for r in srcs])
+        metas = iter(_parse(h) for h in headers)
+        data_recvs = [Recv(*next(metas), r, 2 * tag + 1) for srcs, tag in sources for r in srcs]
+        pieces = iter(self.links.exchange(data_sends, data_recvs))
+        header_handle.wait()  # taken by now: every receiver read our header before our data
+        out = []
+        for srcs, _ in sources:
+            got = [next(pieces) for _ in srcs]
+            t = got[0] if len(got) == 1 else torch.cat(got, dim=0)  # [s(/tp), ...] this rank's rows
+            if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:
+                t = t.to(self.dtype)  # the neighbour computes in another dtype (its backend lacks bf16)
+            out.append(t)
         return out

@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megahet.errors import MegahetError
 from megahet.parallel import bridge
 from megahet.parallel.collective_errors import named_failures
 
@@ -86,6 +87,20 @@ class CommGroup:
 
     def global_rank(self, group_rank: int) -> int:
         return self.ranks[group_rank]
+
+    def check_devices(self, tensors) -> None:
+        """Raise MegahetError if a tensor is not where this group's library can read it.
+
+        A native group's tensors must be on the group's device (nccl/hccl reject host tensors, the
+        error surfacing only at the first step on real hardware); a bridged group stages any device.
+        """
+        if self.bridged or self.device is None:
+            return
+        for t in tensors:
+            if t.device != self.device:
+                raise MegahetError(f"a {tuple(t.shape)} {t.dtype} tensor on {t.device} was passed to {self.name} "
+                                   f"({self.library}), whose tensors live on {self.device}; create it with "
+                                   f"device=ctx.device (or move it there) before the collective")
 
     # ------------------------------------------------------------------ reductions
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum", async_op: bool = False):

@@ -95,6 +95,11 @@ class Links:
         # Cross-domain messages go host -> gloo -> host on a group of their own.
         self._bridge_pg = dist.new_group(ranks=list(range(self.world_size)), backend="gloo",
                                          timeout=timeout) if self.multi_domain else None
+        # NCCL/HCCL set up a group's communicator in its first collective, which every member must
+        # join; batched point-to-point between a subset of members is only allowed after that.
+        mine = self._native.get(self.domains[self.rank], False)
+        if mine is not False and self._library[self.domains[self.rank]] != "gloo":
+            dist.all_reduce(torch.zeros(1, device=device), group=mine)
 
     def bridged(self, peer: int) -> bool:
         """True when messages to `peer` cross communication domains (host-staged)."""
@@ -137,6 +142,22 @@ class Links:
             outs.append(buf)
             ops.append(("recv", buf, r.src, r.tag))
         return _Handle(self._post(ops), keep), outs
+
+    def post_host(self, sends: Sequence[Send], recvs: Sequence[Recv]):
+        """Small host-tensor messages (pipeline shape headers) over gloo, never through a device
+        library: the cross-domain gloo group, or the default group's gloo side in a one-domain job.
+        Returns (handle, receive buffers) like `post`; not counted as link traffic."""
+        pg = self._bridge_pg  # None: the default group, whose host tensors travel through gloo
+        works = [dist.isend(s.tensor.cpu(), dst=s.dst, group=pg, tag=s.tag) for s in sends]
+        outs = [torch.empty(r.shape, dtype=r.dtype, device="cpu") for r in recvs]
+        works += [dist.irecv(b, src=r.src, group=pg, tag=r.tag) for b, r in zip(outs, recvs)]
+        return _Handle(works, [s.tensor for s in sends]), outs
+
+    def exchange_host(self, sends: Sequence[Send], recvs: Sequence[Recv]) -> List[torch.Tensor]:
+        """`post_host` and wait: the received host tensors."""
+        handle, outs = self.post_host(sends, recvs)
+        handle.wait()
+        return outs
 
     def arrive(self, buf: torch.Tensor) -> torch.Tensor:
         """A received buffer on the compute device (checked after the host round trip)."""

@@ -1,7 +1,8 @@
 """Run one rank's pipeline action list: call the step functions and move tensors through ``p2p``.
 
 The executor owns only bookkeeping: which (chunk, micro-batch) tensors are alive between forward and
-backward, and which message tag each send/receive uses. Model code lives in ``forward_step`` /
+backward, which message tag each send/receive uses, and which sends and receives are posted together
+(each run of consecutive communication actions is one batch, ``schedules.comm_batches``). Model code lives in ``forward_step`` /
 ``backward_step``; transport (shape handshake, device staging) lives in the ``p2p`` object.
 
 Message tags: ``tag = (microbatch * MAX_CHUNKS + receiver_chunk) * 2 + direction`` with direction 0 for
@@ -17,7 +18,7 @@ from typing import Callable, Protocol
 import torch
 
 from megahet.errors import MegahetError
-from megahet.parallel.schedules import Action
+from megahet.parallel.schedules import Action, comm_batches
 
 __all__ = ["execute_schedule", "message_tag", "MAX_CHUNKS", "P2P"]
 
@@ -26,11 +27,16 @@ _MAX_TAG = 2**31 - 1
 
 
 class P2P(Protocol):
-    """Point-to-point transport one rank uses; ``recv`` blocks and knows the shape by itself."""
+    """Point-to-point transport one rank uses.
 
-    def isend(self, tensor: torch.Tensor, peer: int, tag: int): ...
+    ``exchange`` posts every send and receive of one batch together and returns when all have
+    completed (the received tensors, in ``recvs`` order); receivers learn shapes by themselves.
+    Posting a step's sends and receives together is what keeps rendezvous libraries (NCCL, HCCL),
+    where a send waits for its receive, free of deadlock.
+    """
 
-    def recv(self, peer: int, tag: int) -> torch.Tensor: ...
+    def exchange(self, sends: list[tuple[torch.Tensor, int, int]],
+                 recvs: list[tuple[int, int]]) -> list[torch.Tensor]: ...
 
 
 def message_tag(direction: str, receiver_chunk: int, microbatch: int) -> int:
@@ -66,7 +72,7 @@ def execute_schedule(actions: list[Action], *,
                      forward_step: Callable[[int, int, torch.Tensor | None], torch.Tensor],
                      backward_step: Callable[..., torch.Tensor | None],
                      p2p: P2P, tracer=None, deallocate_outputs: bool = True) -> None:
-    """Execute one rank's actions in order.
+    """Execute one rank's actions in order, each run of send/recv actions as one batch.
 
     Args:
         actions: this rank's list from ``megahet.parallel.schedules`` (validated there).
@@ -74,7 +80,8 @@ def execute_schedule(actions: list[Action], *,
             scalar loss to backprop. ``input_tensor`` is None where the chunk reads data.
         backward_step: ``(chunk, mb, input_tensor, output_tensor, output_grad) -> input_tensor.grad``;
             runs ``torch.autograd.backward(output_tensor, grad_tensors=output_grad)``.
-        p2p: ``isend(tensor, peer, tag) -> handle`` (``handle.wait()``) and blocking ``recv(peer, tag)``.
+        p2p: ``exchange(sends, recvs) -> received`` (see ``P2P``), called once per batch of
+            ``comm_batches(actions)``, operations in that batch's order.
         tracer: optional object with ``begin(action)`` / ``end(action)``.
         deallocate_outputs: free sent activations' memory early (see ``_deallocate``).
     """
@@ -84,48 +91,55 @@ def execute_schedule(actions: list[Action], *,
     outputs: dict[tuple[int, int], torch.Tensor] = {}
     grads_in: dict[tuple[int, int], torch.Tensor] = {}   # received d(loss)/d(output)
     grads_out: dict[tuple[int, int], torch.Tensor | None] = {}  # d(loss)/d(input) to send back
-    pending: list = []
-    for action in actions:
-        key = (action.chunk, action.microbatch)
+    for item in comm_batches(actions):
+        batch = (item,) if isinstance(item, Action) else item
         if tracer is not None:
-            tracer.begin(action)
-        if action.op == "recv_fwd":
-            # A detached leaf, so this rank's backward stops here and yields the grad to send back.
-            inputs[key] = p2p.recv(action.peer, _tag(action)).detach().requires_grad_()
-        elif action.op == "fwd":
-            if key in needs_input and key not in inputs:
-                raise MegahetError(f"pipeline action {action} runs before its input was received")
-            outputs[key] = forward_step(action.chunk, action.microbatch, inputs.get(key))
-        elif action.op == "send_fwd":
-            out = outputs[key]
-            pending.append(p2p.isend(out.detach(), action.peer, _tag(action)))
-            if deallocate_outputs:
-                _deallocate(out)
-        elif action.op == "recv_bwd":
-            grads_in[key] = p2p.recv(action.peer, _tag(action))
-        elif action.op == "bwd":
-            if key in needs_grad and key not in grads_in:
-                raise MegahetError(f"pipeline action {action} runs before its output gradient was received")
-            # Drop references now: the activations of this micro-batch are no longer needed.
-            grads_out[key] = backward_step(action.chunk, action.microbatch, inputs.pop(key, None),
-                                           outputs.pop(key), grads_in.pop(key, None))
-        else:  # send_bwd
+            for action in batch:
+                tracer.begin(action)
+        if isinstance(item, Action):
+            key = (item.chunk, item.microbatch)
+            if item.op == "fwd":
+                if key in needs_input and key not in inputs:
+                    raise MegahetError(f"pipeline action {item} runs before its input was received")
+                outputs[key] = forward_step(item.chunk, item.microbatch, inputs.get(key))
+            else:
+                if key in needs_grad and key not in grads_in:
+                    raise MegahetError(f"pipeline action {item} runs before its output gradient was received")
+                # Drop references now: the activations of this micro-batch are no longer needed.
+                grads_out[key] = backward_step(item.chunk, item.microbatch, inputs.pop(key, None),
+                                               outputs.pop(key), grads_in.pop(key, None))
+        else:
+            _exchange(item, p2p, outputs, inputs, grads_out, grads_in, deallocate_outputs)
+        if tracer is not None:
+            for action in batch:
+                tracer.end(action)
+
+
+def _exchange(batch: tuple[Action, ...], p2p: P2P, outputs, inputs, grads_out, grads_in,
+              deallocate_outputs: bool) -> None:
+    """Post one batch's sends and receives together; file the received tensors."""
+    sends, recvs, sent_outputs = [], [], []
+    for action in batch:
+        key = (action.chunk, action.microbatch)
+        if action.op == "send_fwd":
+            sends.append((outputs[key].detach(), action.peer, _tag(action)))
+            sent_outputs.append(outputs[key])
+        elif action.op == "send_bwd":
             grad = grads_out.pop(key)
             if grad is None:
                 raise MegahetError(f"pipeline action {action}: backward_step returned no input gradient; "
                                    f"return input_tensor.grad")
-            pending.append(p2p.isend(grad, action.peer, _tag(action)))
-        if tracer is not None:
-            tracer.end(action)
-        pending = [h for h in pending if not _finished(h)]
-    for handle in pending:
-        handle.wait()
-
-
-def _finished(handle) -> bool:
-    """Wait on (and so release) a send handle that reports completion; keeps the rest pending."""
-    is_completed = getattr(handle, "is_completed", None)
-    if callable(is_completed) and is_completed():
-        handle.wait()  # returns at once; surfaces a transport error, if any
-        return True
-    return False
+            sends.append((grad, action.peer, _tag(action)))
+        else:
+            recvs.append((action, (action.peer, _tag(action))))
+    received = p2p.exchange(sends, [r for _, r in recvs])
+    for (action, _), tensor in zip(recvs, received):
+        key = (action.chunk, action.microbatch)
+        if action.op == "recv_fwd":
+            # A detached leaf, so this rank's backward stops here and yields the grad to send back.
+            inputs[key] = tensor.detach().requires_grad_()
+        else:
+            grads_in[key] = tensor
+    if deallocate_outputs:  # the batch has completed, so the sent data is no longer needed
+        for out in sent_outputs:
+            _deallocate(out)

@@ -1,9 +1,11 @@
 """Pipeline schedules as data: orders, communication pairing, deadlock checks (no processes)."""
+from dataclasses import replace
+
 import pytest
 
 from megahet.errors import MegahetError
 from megahet.parallel.schedule_trace import TraceEvent, bubble_fraction, theoretical_bubble
-from megahet.parallel.schedules import (Action, build_schedule, format_schedule, interleaved_one_f_one_b,
+from megahet.parallel.schedules import (Action, _with_comm, align_batches, build_schedule, comm_batches, format_schedule, interleaved_one_f_one_b,
                                         one_f_one_b, simulate_schedule, validate_schedule)
 
 
@@ -139,8 +141,52 @@ def test_validate_detects_deadlock():
     rank0, rank1 = build_schedule("afab", 2, 2)
     by_name = {str(a): a for a in rank0}
     reordered = [by_name[n] for n in ("F0c0", "SF0c0>1", "RB0c0<1", "B0c0", "F1c0", "SF1c0>1", "RB1c0<1", "B1c0")]
-    with pytest.raises(MegahetError, match=r"deadlocks: rank 0 at RB0c0<1; rank 1 at RF1c0<0"):
+    with pytest.raises(MegahetError, match=r"deadlocks under rendezvous sends: rank 0 at RB0c0<1; "
+                                           r"rank 1 at RF1c0<0"):
         validate_schedule([reordered, rank1], 2, 1)
+
+
+def test_validate_models_unbuffered_sends():
+    # Interleaved 1F1B with each step's send posted on its own (the old placement) completes when sends
+    # are buffered, but under rendezvous rank 0's forward send waits on rank 1, which waits to send back.
+    compute = [[(a.op, a.chunk, a.microbatch) for a in actions if a.is_compute]
+               for actions in interleaved_one_f_one_b(2, 4, 2)]
+    old = [_with_comm(rank, steps, 2, 2) for rank, steps in enumerate(compute)]
+    with pytest.raises(MegahetError, match="deadlocks under rendezvous sends"):
+        validate_schedule(align_batches(old), 2, 2)
+    simulate_schedule(old, buffered=True)  # the old model: buffered sends hid it
+
+
+def test_validate_models_the_shape_header():
+    # AFAB pp=2: rank 0 batching the last forward's send with the first backward's receive must first
+    # take B0's shape header, which rank 1 sends only after it has received F3's data: a deadlock.
+    schedule = build_schedule("afab", 2, 4)
+    merged = [replace(a, new_batch=False) for a in schedule[0]]
+    with pytest.raises(MegahetError, match=r"deadlocks under rendezvous sends: rank 0 at SF3c0>1 RB0c0<1"):
+        validate_schedule([merged, schedule[1]], 2, 1)
+    simulate_schedule([merged, schedule[1]], buffered=True)  # gloo-like buffering would hide it
+    assert sum(a.new_batch for a in schedule[0]) == 1  # align_batches split exactly that batch
+
+
+def test_validate_rejects_messages_matched_out_of_order():
+    # Rank 0 sends micro-batch 0 first, rank 1 receives micro-batch 1 first: NCCL would hand
+    # micro-batch 0's tensor to micro-batch 1's receive.
+    rank0 = [Action("fwd", 0, 0), Action("send_fwd", 0, 0, 1, 0), Action("fwd", 0, 1), Action("send_fwd", 0, 1, 1, 0),
+             Action("recv_bwd", 0, 1, 1, 0), Action("bwd", 0, 1), Action("recv_bwd", 0, 0, 1, 0), Action("bwd", 0, 0)]
+    rank1 = [Action("recv_fwd", 0, 1, 0, 0), Action("fwd", 0, 1), Action("bwd", 0, 1), Action("send_bwd", 0, 1, 0, 0),
+             Action("recv_fwd", 0, 0, 0, 0), Action("fwd", 0, 0), Action("bwd", 0, 0), Action("send_bwd", 0, 0, 0, 0)]
+    with pytest.raises(MegahetError, match="from rank 0 to rank 1 match out of order"):
+        validate_schedule([rank0, rank1], 2, 1)
+
+
+def test_comm_batches_group_and_sort():
+    rank0 = interleaved_one_f_one_b(2, 4, 2)[0]
+    batches = [item for item in comm_batches(rank0) if isinstance(item, tuple)]
+    assert sum(len(b) for b in batches) == sum(not a.is_compute for a in rank0)
+    steady = next(b for b in batches if len(b) == 4)
+    assert sorted(a.op for a in steady[:2]) == ["send_bwd", "send_fwd"]   # one peer: sends first,
+    assert sorted(a.op for a in steady[2:]) == ["recv_bwd", "recv_fwd"]   # then receives
+    assert [a.microbatch for a in steady[:2]] == sorted(a.microbatch for a in steady[:2])
 
 
 def test_format_schedule_aligned_grid():
