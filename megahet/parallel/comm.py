@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megahet import strict_devices
 from megahet.errors import MegahetError
 from megahet.parallel import bridge
 from megahet.parallel.collective_errors import named_failures
@@ -75,6 +76,10 @@ class CommGroup:
         self.device = torch.device("cpu") if on_host else device
         # gloo cannot be trusted to reduce half types (pytorch issue 111131): upcast there.
         self._upcast_reductions = on_host
+        # Strict mode (tests): reject host-born tensors on native groups, as nccl/hccl would.
+        self.strict = strict_devices.enabled() and not bridged
+        if self.strict:
+            strict_devices.activate()
         self.counters = None  # a LinkCounters: bytes this rank sends over the bridge (set by the context)
 
     def _count(self, tensor: torch.Tensor, copies: int = 1) -> None:
@@ -88,25 +93,29 @@ class CommGroup:
     def global_rank(self, group_rank: int) -> int:
         return self.ranks[group_rank]
 
-    def check_devices(self, tensors) -> None:
+    def check_devices(self, *tensors: torch.Tensor) -> None:
         """Raise MegahetError if a tensor is not where this group's library can read it.
 
-        A native group's tensors must be on the group's device (nccl/hccl reject host tensors, the
-        error surfacing only at the first step on real hardware); a bridged group stages any device.
+        A native group's tensors must be on the group's device: nccl/hccl reject host tensors, and on
+        a GPU job that error would surface only at the first step. In strict mode (tests,
+        `megahet.strict_devices`) a host-born tensor is rejected even on CPU. Bridged groups stage any
+        device through the host.
         """
         if self.bridged or self.device is None:
             return
         for t in tensors:
-            if t.device != self.device:
-                raise MegahetError(f"a {tuple(t.shape)} {t.dtype} tensor on {t.device} was passed to {self.name} "
-                                   f"({self.library}), whose tensors live on {self.device}; create it with "
-                                   f"device=ctx.device (or move it there) before the collective")
+            if t.device != self.device or (self.strict and strict_devices.is_host_tensor(t)):
+                where = "created on the host without device=" if t.device == self.device else f"on {t.device}"
+                raise MegahetError(f"a {tuple(t.shape)} {t.dtype} tensor {where} was passed to {self.name} "
+                                   f"({self.library}), whose tensors live on the group's device; create it with "
+                                   f"device=ctx.device (or group.device) before the collective")
 
     # ------------------------------------------------------------------ reductions
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum", async_op: bool = False):
         """Reduce `tensor` in place over the group. Returns the tensor (or a Work if async_op)."""
         if self.size == 1:
             return Work() if async_op else tensor
+        self.check_devices(tensor)
         staged = bridge.stage_for_reduction(tensor, self.bridged, self._upcast_reductions)
         self._count(staged)
         work = dist.all_reduce(staged, op=_OPS[op], group=self.pg, async_op=async_op)
@@ -130,6 +139,7 @@ class CommGroup:
         if tensor.shape[0] != out.shape[0] * self.size:
             raise ValueError(f"reduce_scatter over {self.name}: input rows {tensor.shape[0]} != "
                              f"{self.size} x output rows {out.shape[0]}")
+        self.check_devices(out, tensor)
         staged = bridge.stage_for_reduction(tensor.contiguous(), self.bridged, self._upcast_reductions)
         self._count(staged)
         return self._into(_REDUCE_SCATTER, out, staged, async_op)
@@ -153,6 +163,7 @@ class CommGroup:
         if self.size == 1:
             out.copy_(tensor)
             return Work() if async_op else out
+        self.check_devices(out, tensor)
         staged = bridge.stage(tensor.contiguous(), self.bridged)
         self._count(staged, self.size - 1)
         return self._into(_ALL_GATHER, out, staged, async_op)
@@ -180,6 +191,7 @@ class CommGroup:
         if self.size == 1:
             return tensor
         in_splits, out_splits = [int(s) for s in in_splits], [int(s) for s in out_splits]
+        self.check_devices(tensor)
         staged = bridge.stage(tensor.contiguous(), self.bridged)
         self._count(staged)
         out = torch.empty((sum(out_splits),) + tuple(tensor.shape[1:]), dtype=staged.dtype, device=staged.device)
@@ -190,6 +202,7 @@ class CommGroup:
         """Broadcast in place from a member, named by its global rank."""
         if self.size == 1:
             return tensor
+        self.check_devices(tensor)
         staged = bridge.stage(tensor, self.bridged)
         self._count(staged)
         dist.broadcast(staged, src=src_global_rank, group=self.pg)

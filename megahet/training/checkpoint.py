@@ -151,7 +151,7 @@ def begin_save(root: str, iteration: int, model_chunks, optimizer, ctx: Parallel
         raise MegahetError(f"refusing to save iteration {iteration}: parameters contain NaN/Inf; "
                            f"lower --lr or enable --clip-grad, and resume from the last good checkpoint")
     pending = PendingSave(root, iteration, dict(meta, optimizer_steps=getattr(optimizer, "num_steps", 0)), keep_last)
-    ok = torch.ones(1)
+    ok = torch.ones(1, device=ctx.device)  # collective input: on the group's device
     if ctx.rank == 0:
         try:
             check_writable(root)
@@ -177,7 +177,7 @@ def write_items(pending: PendingSave, rank: int, items: List[Tuple[_Item, torch.
 
 def finish_save(pending: PendingSave, ctx: ParallelContext, vocab_size: int) -> str:
     """Collective: agree that every rank wrote, then rank 0 publishes the checkpoint atomically."""
-    errnos = torch.zeros(ctx.world_size)
+    errnos = torch.zeros(ctx.world_size, device=ctx.device)  # collective input: on the group's device
     if pending.error:
         exc = pending.error[0]
         errnos[ctx.rank] = float(getattr(exc, "errno", None) or -1)
@@ -196,7 +196,8 @@ def finish_save(pending: PendingSave, ctx: ParallelContext, vocab_size: int) -> 
             atomic_write_bytes(os.path.join(pending.root, LATEST), os.path.basename(final).encode())
         except OSError as exc:
             failed = [(0, exc.errno or -1)]
-    flag = torch.tensor([float(failed[0][0] + 1) if failed else 0.0, float(failed[0][1]) if failed else 0.0])
+    flag = torch.tensor([float(failed[0][0] + 1) if failed else 0.0, float(failed[0][1]) if failed else 0.0],
+                        device=ctx.device)
     ctx.world_group.all_reduce(flag, op="max")  # rank 0's publish step may fail too
     if flag[0].item() or failed:
         rank, errno = failed[0] if failed else (int(flag[0].item()) - 1, int(flag[1].item()))
@@ -268,11 +269,11 @@ def verify_checkpoint(path: str, ctx: ParallelContext) -> Optional[str]:
         files = sorted(fmt.read_json(os.path.join(path, fmt.INDEX), "index")["files"].items())
     except MegahetError as exc:
         problem = str(exc)
-    head = torch.tensor([1.0 if problem else 0.0, float(len(files))])
+    head = torch.tensor([1.0 if problem else 0.0, float(len(files))], device=ctx.device)
     ctx.world_group.all_reduce(head, op="max")
     if head[0].item():
         return problem or f"checkpoint {path} has an unreadable meta.json or index.json on some rank"
-    bad = torch.zeros(len(files))
+    bad = torch.zeros(len(files), device=ctx.device)
     for i, (name, info) in enumerate(files):
         if i % ctx.world_size == ctx.rank:
             try:

@@ -55,7 +55,7 @@ class AsyncCheckpointSaver:
         only while a save is in flight). Returns the published directory or None."""
         if self._pending is None:
             return None
-        done = torch.tensor([0.0 if self._thread.is_alive() else 1.0])
+        done = torch.tensor([0.0 if self._thread.is_alive() else 1.0], device=self.ctx.device)  # collective input
         self.ctx.world_group.all_reduce(done, op="min")
         return self._finish() if done.item() else None
 

@@ -110,7 +110,8 @@ def pretrain(cfg: MegahetConfig) -> dict:
         m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups, m.seq_length,
         data.vocab_size, m.swiglu, m.num_experts, m.moe_router_topk, m.moe_ffn_hidden_size,
         m.moe_shared_expert_intermediate_size, m.moe_layer_freq)
-    peak = torch.tensor([ctx.backend.peak_flops(params_dtype(cfg, ctx.backend))], dtype=torch.float64)
+    peak = torch.tensor([ctx.backend.peak_flops(params_dtype(cfg, ctx.backend))], dtype=torch.float64,
+                        device=ctx.device)
     ctx.world_group.all_reduce(peak)  # MFU against the sum of every device's peak (mixed hardware)
     logger = MetricsLogger(ctx.rank, ctx.rank == 0, cfg.logging.metrics_file, cfg.logging.wandb_project,
                            cfg.logging.wandb_exp_name, cfg.logging.wandb_save_dir, cfg.logging.tensorboard_dir,
@@ -231,7 +232,8 @@ def exit_requested(cfg: MegahetConfig, ctx: ParallelContext, state: TrainState, 
         return True
     if t.exit_duration_in_mins is None:
         return False
-    flag = torch.tensor([1.0 if (time.time() - start_time) / 60.0 > t.exit_duration_in_mins else 0.0])
+    flag = torch.tensor([1.0 if (time.time() - start_time) / 60.0 > t.exit_duration_in_mins else 0.0],
+                        device=ctx.device)
     ctx.world_group.broadcast(flag, 0)
     return bool(flag.item())
 

@@ -45,7 +45,9 @@ def replica_microbatches(dataset, consumed_samples: int, global_batch_size: int,
 
 def global_token_count(microbatches, ctx: ParallelContext) -> float:
     """Loss tokens of the whole global batch (sum over data-parallel replicas)."""
-    local = torch.tensor([sum(float(mb["loss_mask"].sum()) for mb in microbatches)], dtype=torch.float64)
+    # On the compute device: nccl/hccl groups take no host tensors (one host->device copy per step).
+    local = torch.tensor([sum(float(mb["loss_mask"].sum()) for mb in microbatches)], dtype=torch.float64,
+                         device=ctx.device)
     ctx.dp_group.all_reduce(local)
     return float(local.item())
 
@@ -53,9 +55,9 @@ def global_token_count(microbatches, ctx: ParallelContext) -> float:
 def reduce_loss_for_logging(loss_sum: torch.Tensor, ctx: ParallelContext) -> float:
     """Sum the last stage's loss over replicas, through the one world group (every rank takes part)."""
     contributes = ctx.is_last_stage and ctx.tp_rank == 0
-    vec = torch.zeros(1, dtype=torch.float64)
+    vec = torch.zeros(1, dtype=torch.float64, device=ctx.device)
     if contributes:
-        vec[0] = float(loss_sum)
+        vec[0] = loss_sum.detach().double()  # stays on the device: no host sync here
     ctx.world_group.all_reduce(vec)
     return float(vec[0])
 
