@@ -17,7 +17,9 @@ setup(
     python_requires=">=3.10",
     packages=list(FOLDERS) + SUBPACKAGES,
     package_dir=FOLDERS,
-    install_requires=["torch>=2.4", "sentencepiece>=0.1.99", "pyyaml>=6.0", "numpy>=1.24",
+    # torch 2.5: SDPA's enable_gqa (megahet.kernels). Every other requirement is imported by megahet
+    # (sentencepiece: tokenizer, pyyaml: configs/plans, numpy: data, safetensors: checkpoints).
+    install_requires=["torch>=2.5", "sentencepiece>=0.1.99", "pyyaml>=6.0", "numpy>=1.24",
                       "safetensors>=0.4"],
     extras_require={
         "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "tensorboard>=2.14", "matplotlib>=3.7", "wandb>=0.16"],

@@ -13,10 +13,19 @@ adapter 6.0.RC3 / 7.0.0):
   sparse_mode=0, ...)`` returning a 7-tuple whose first element is the attention output. With
   sparse_mode=2 (leftUpCausal) the atten_mask is the compressed 2048x2048 upper-triangular bool
   mask (True = masked) and pre/next_tockens are ignored. key/value may have fewer heads (GQA).
-- ``npu_grouped_matmul(x, weight, *, bias=None, ..., group_list=None, split_item=0, group_type=-1,
-  group_list_type=0, ...) -> list``: one x [T, k] split on the M axis (group_type=0) by the
-  cumulative group_list (group_list_type=0), one weight [k, n] per group, split_item=2 for a single
-  output tensor.
+- ``npu_grouped_matmul``: its schema changed between releases, so the installed one is read
+  (``torch.ops.npu.npu_grouped_matmul.default._schema``) and called accordingly:
+  * "tensor" form (op-plugin op_plugin_functions.yaml since 2025-09, commit 18c139a, and current
+    master 517f2e7, 2026-08): ``..., Tensor? group_list=None, ..., int? split_item=0,
+    int? group_type=None, int? group_list_type=0, ...``: group_list is an int64 device tensor,
+    group_type=0 splits x on the M axis, group_list_type=0 makes group_list cumulative.
+  * "ints" form (op-plugin 2024-06/07, commits 2368740 / b440388; torch_npu for PyTorch 2.1 of
+    that time): ``..., int[]? group_list=None, int? split_item=0, ScalarType? output_dtype=None``:
+    group_list is a host list of cumulative row counts, no group_type / group_list_type.
+  * anything else: the reference loop (``reference_grouped_matmul``).
+  In both forms one x [T, k] is split on M, one weight [k, n] per group, and split_item=2 asks for
+  a single output tensor. The exact signatures are kept in tests/data/vendor_schemas.json and every
+  call here is checked against them (tests/unit/test_vendor_schemas.py).
 """
 from __future__ import annotations
 
@@ -113,37 +122,70 @@ def npu_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out[0]  # [b, s, nq, d]
 
 
+def grouped_matmul_form(schema: str) -> Optional[str]:
+    """"tensor", "ints" or None (use the loop) for an npu_grouped_matmul schema string (see above)."""
+    params = re.search(r"\((.*)\)\s*->", schema)
+    if params is None:
+        return None
+    args = {m.group(2): m.group(1) for m in re.finditer(r"([A-Za-z]+(?:\[\])?\??)\s+(\w+)", params.group(1))}
+    group_list = args.get("group_list", "")
+    if group_list.startswith("Tensor") and "group_type" in args and "group_list_type" in args:
+        return "tensor"
+    if group_list.startswith("int[]") and "group_type" not in args:
+        return "ints"
+    return None
+
+
+def _installed_form() -> Optional[str]:
+    try:
+        op = getattr(torch.ops.npu, "npu_grouped_matmul")
+        return grouped_matmul_form(str(op.default._schema))
+    except Exception as exc:  # an op without the expected overload: the loop is always right
+        logger.debug("npu_grouped_matmul schema unreadable: %s", exc)
+        return None
+
+
+def _call_grouped_matmul(form: str, x: torch.Tensor, weights: list, cumulative: list[int]) -> torch.Tensor:
+    """One npu_grouped_matmul of x [T, k] split on M at `cumulative` row ends, one [k, n] weight per group."""
+    npu = _torch_npu()
+    if form == "tensor":
+        group_list = torch.tensor(cumulative, dtype=torch.int64, device=x.device)  # [E]
+        return npu.npu_grouped_matmul([x], weights, group_list=group_list, split_item=2, group_type=0,
+                                      group_list_type=0)[0]  # [T, n]
+    return npu.npu_grouped_matmul([x], weights, group_list=cumulative, split_item=2)[0]  # [T, n]
+
+
 class _NpuGroupedMatmul(torch.autograd.Function):
     """Grouped matmul on the M axis; dx reuses the op with transposed weights, dW is per expert."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, sizes: list[int], form: str) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.sizes = sizes
-        group_list = torch.tensor(sizes, dtype=torch.int64).cumsum(0).to(x.device)  # [E]
-        ctx.group_list = group_list
-        return _torch_npu().npu_grouped_matmul(
-            [x], list(weight.unbind(0)), group_list=group_list, split_item=2, group_type=0,
-            group_list_type=0)[0]  # [T, n]
+        ctx.sizes, ctx.form = sizes, form
+        ctx.cumulative = [sum(sizes[:i + 1]) for i in range(len(sizes))]
+        return _call_grouped_matmul(form, x, list(weight.unbind(0)), ctx.cumulative)  # [T, n]
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         x, weight = ctx.saved_tensors
         grad = grad.contiguous()  # [T, n]
-        grad_x = _torch_npu().npu_grouped_matmul(
-            [grad], [w.t() for w in weight.unbind(0)], group_list=ctx.group_list, split_item=2,
-            group_type=0, group_list_type=0)[0]  # [T, k]
+        grad_x = _call_grouped_matmul(ctx.form, grad, [w.t() for w in weight.unbind(0)], ctx.cumulative)  # [T, k]
         grad_w = torch.stack([xe.t() @ ge for xe, ge in zip(x.split(ctx.sizes), grad.split(ctx.sizes))])
-        return grad_x, grad_w, None  # grad_w [E, k, n]; zero for experts without tokens
+        return grad_x, grad_w, None, None  # grad_w [E, k, n]; zero for experts without tokens
 
 
-def npu_grouped_matmul(x: torch.Tensor, weight: torch.Tensor,
-                       tokens_per_expert: TokenCounts) -> torch.Tensor:
-    """torch_npu.npu_grouped_matmul for fp16/bf16 with <= 128 experts, else the loop."""
-    sizes = expert_split_sizes(x, weight, tokens_per_expert)
-    if x.dtype not in _HALF or weight.dtype != x.dtype or len(sizes) > _MAX_GROUPS or x.shape[0] == 0:
-        return reference_grouped_matmul(x, weight, sizes)
-    return _NpuGroupedMatmul.apply(x.contiguous(), weight.contiguous(), sizes)
+def make_grouped_matmul(form: Optional[str]):
+    """The grouped_matmul kernel for an npu_grouped_matmul form (None: the reference loop)."""
+
+    def npu_grouped_matmul(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: TokenCounts) -> torch.Tensor:
+        """torch_npu.npu_grouped_matmul for fp16/bf16 with <= 128 experts, else the loop."""
+        sizes = expert_split_sizes(x, weight, tokens_per_expert)
+        if (form is None or x.dtype not in _HALF or weight.dtype != x.dtype or len(sizes) > _MAX_GROUPS
+                or x.shape[0] == 0):
+            return reference_grouped_matmul(x, weight, sizes)
+        return _NpuGroupedMatmul.apply(x.contiguous(), weight.contiguous(), sizes, form)
+
+    return npu_grouped_matmul
 
 
 class NPUBackend(Backend):
@@ -209,6 +251,6 @@ class NPUBackend(Backend):
         _torch_npu()
         kernels = Kernels.reference().replace(
             rms_norm=npu_rms_norm, layer_norm=torch_layer_norm, apply_rotary=npu_apply_rotary,
-            causal_attention=npu_causal_attention, grouped_matmul=npu_grouped_matmul)
+            causal_attention=npu_causal_attention, grouped_matmul=make_grouped_matmul(_installed_form()))
         logger.info("npu kernels: %s", kernels.describe())
         return kernels

@@ -119,9 +119,11 @@ class TrainConfig:
                              choices=["default", "retain"])
     bf16: bool = _f(False, "bf16 parameters and compute with fp32 master weights.")
     fp16: bool = _f(False, "fp16 parameters and compute with dynamic loss scaling.")
+    tf32: bool = _f(False, "Let fp32 matmuls use TF32 tensor cores on CUDA (Ampere and newer; PyTorch's default "
+                    "is off). fp32 MFU counts against the TF32 peak only when set, else the fp32 peak.")
     loss_scale: Optional[float] = _f(None, "Constant loss scale for fp16 (default dynamic).")
     initial_loss_scale: float = _f(2.0 ** 16, "Initial dynamic loss scale.")
-    seed: int = _f(1234, "Random seed (weights, data order, dropout).")
+    seed: int = _f(1234, "Random seed (weights and data order; the model has no dropout).")
     eval_interval: int = _f(1000, "Evaluate every N steps.")
     eval_iters: int = _f(10, "Batches per evaluation.")
     exit_interval: Optional[int] = _f(None, "Exit (after saving) when iteration % N == 0.")

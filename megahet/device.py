@@ -119,6 +119,9 @@ class Backend:
         """Backend's own estimate; the default measures a square matmul once per process."""
         return measure_matmul_flops(self, dtype)
 
+    def set_tf32(self, enabled: bool) -> None:
+        """Allow TF32 for fp32 matmuls (--tf32); a no-op where the device has no such mode."""
+
     def after_compute(self, elapsed_s: float) -> None:
         """Hook called after each measured compute chunk (the sim backend slows itself here)."""
 

@@ -22,7 +22,7 @@ from megahet.parallel import bridge
 from megahet.parallel.collective_errors import named_failures
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-# torch 2.13 renamed the tensor-in/tensor-out collectives; older releases (>= 2.4) have the old names.
+# torch 2.13 renamed the tensor-in/tensor-out collectives; older releases (>= 2.5) have the old names.
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 

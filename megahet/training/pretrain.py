@@ -110,6 +110,7 @@ def pretrain(cfg: MegahetConfig) -> dict:
         m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups, m.seq_length,
         data.vocab_size, m.swiglu, m.num_experts, m.moe_router_topk, m.moe_ffn_hidden_size,
         m.moe_shared_expert_intermediate_size, m.moe_layer_freq)
+    ctx.backend.set_tf32(cfg.train.tf32)  # before the peak: fp32 MFU is against TF32 only when enabled
     peak = torch.tensor([ctx.backend.peak_flops(params_dtype(cfg, ctx.backend))], dtype=torch.float64,
                         device=ctx.device)
     ctx.world_group.all_reduce(peak)  # MFU against the sum of every device's peak (mixed hardware)

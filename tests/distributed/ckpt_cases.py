@@ -84,7 +84,7 @@ def hang_in_all_reduce():
         time.sleep(8.0)
         return None
     try:
-        ctx.world_group.all_reduce(torch.ones(4))
+        ctx.world_group.all_reduce(torch.ones(4, device=ctx.device))
     except MegahetError as exc:
         return str(exc)
     return "no error"

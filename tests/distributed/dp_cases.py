@@ -87,7 +87,7 @@ def run_case(dp=1, tp=1, sp=False, split=None, dist_opt=False, overlap=False, bu
         global_tokens = ctx.dp_group.all_reduce(mask[list(mine)].sum().reshape(1))  # the contract: one dp all-reduce
         scale = scaler.scale
         opt.zero_grad()
-        loss_sum = torch.zeros(1)
+        loss_sum = torch.zeros(1, device=ctx.device)  # a collective input: on the group's device
         for j, s in enumerate(mine):
             if overlap:
                 ddp.enable_grad_sync(None, j == len(mine) - 1)

@@ -235,13 +235,21 @@ def test_sim_peak_flops_scales_with_speed(fixed_measurement):
 
 
 # -- vendor datasheet tables (pure functions, testable without the hardware) ---------------------
+def test_cuda_peak_table_tf32():
+    from megahet.backends.cuda import lookup_peak_flops
+    assert lookup_peak_flops("NVIDIA A100-SXM4-80GB", torch.float32, tf32=True) == 156e12
+    assert lookup_peak_flops("NVIDIA H100 80GB HBM3", torch.float32, tf32=True) == 494e12
+    assert lookup_peak_flops("NVIDIA H100 80GB HBM3", torch.float32) == 67e12
+    assert lookup_peak_flops("NVIDIA H100 80GB HBM3", torch.bfloat16, tf32=True) == 989e12
+
+
 @pytest.mark.parametrize("name, dtype, expected", [
     ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989e12),
     ("NVIDIA H100 PCIe", torch.float16, 756e12),
     ("NVIDIA H200", torch.bfloat16, 989e12),
     ("NVIDIA H20", torch.bfloat16, 148e12),
     ("NVIDIA A100-SXM4-80GB", torch.bfloat16, 312e12),
-    ("NVIDIA A100-SXM4-80GB", torch.float32, 156e12),
+    ("NVIDIA A100-SXM4-80GB", torch.float32, 19.5e12),  # TF32 off (PyTorch's default): plain fp32 peak
     ("NVIDIA A10", torch.bfloat16, 125e12),
     ("NVIDIA A100-SXM4-80GB", torch.float64, None),
     ("NVIDIA GeForce RTX 3090", torch.bfloat16, None),
