@@ -11,6 +11,7 @@ Reductions use SUM; averaging is the caller's explicit division (AVG is not offe
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Sequence
 
 import torch
@@ -19,7 +20,8 @@ import torch.distributed as dist
 from megahet import strict_devices
 from megahet.errors import MegahetError
 from megahet.parallel import bridge
-from megahet.parallel.collective_errors import named_failures
+from megahet.parallel import wait_clock
+from megahet.parallel.collective_errors import COLLECTIVES, named_failures
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 # torch 2.13 renamed the tensor-in/tensor-out collectives; older releases (>= 2.5) have the old names.
@@ -35,7 +37,8 @@ class Work:
 
     def wait(self):
         if self._work is not None:
-            self._work.wait()
+            with wait_clock.waiting():
+                self._work.wait()
             self._work = None
         if self._finish is not None:
             self._finish()
@@ -51,6 +54,24 @@ def _complete(work, finish, async_op: bool, value):
     return value
 
 
+def _timed_waits(cls):
+    """Class decorator: time spent in each collective counts as waiting (`wait_clock`), not compute."""
+    for name in COLLECTIVES:
+        method = getattr(cls, name, None)
+        if method is None:
+            continue
+
+        def make(method):
+            @functools.wraps(method)
+            def call(self, *args, **kwargs):
+                with wait_clock.waiting():
+                    return method(self, *args, **kwargs)
+            return call
+        setattr(cls, name, make(method))
+    return cls
+
+
+@_timed_waits
 @named_failures  # a hung or dead peer: one-line error naming this rank, the collective and the group
 class CommGroup:
     """A set of global ranks and the process group that connects them.

@@ -17,6 +17,7 @@ from megahet.config import MegahetConfig
 from megahet.errors import MegahetError
 from megahet.parallel.context import ParallelContext
 from megahet.parallel.boundary import StageP2P
+from megahet.parallel import wait_clock
 from megahet.parallel.pipeline_layout import layers_per_stage
 from megahet.parallel.schedule_executor import execute_schedule
 from megahet.parallel.schedules import Action, build_schedule
@@ -128,20 +129,23 @@ def forward_backward(model_chunks: List[torch.nn.Module], microbatches: List[Dic
         return input_tensor.grad if input_tensor is not None else None
 
     backend = ctx.backend
-
-    def timed(fn):
-        # A simulated slow device (sim backend) stretches each measured compute chunk here.
-        def run(*args):
-            start = time.perf_counter()
-            out = fn(*args)
-            backend.after_compute(time.perf_counter() - start)
-            return out
-        return run
-
-    execute_schedule(actions, forward_step=timed(forward_step), backward_step=timed(backward_step),
+    execute_schedule(actions, forward_step=compute_timer(backend, forward_step),
+                     backward_step=compute_timer(backend, backward_step),
                      p2p=stage_p2p(ctx, model_chunks), tracer=tracer,
                      deallocate_outputs=not forward_only)
     return StepOutput(loss_sum)
+
+
+def compute_timer(backend, fn):
+    """`fn` that reports its compute time, without time spent in collectives, to `backend.after_compute`
+    (where a simulated slow device stretches it; see `wait_clock`)."""
+    def run(*args):
+        waited, start = wait_clock.total(), time.perf_counter()
+        out = fn(*args)
+        elapsed = time.perf_counter() - start - (wait_clock.total() - waited)
+        backend.after_compute(max(elapsed, 0.0))
+        return out
+    return run
 
 
 def stage_p2p(ctx: ParallelContext, model_chunks) -> StageP2P:
