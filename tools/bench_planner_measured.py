@@ -159,9 +159,10 @@ def main():
     ap.add_argument("--iters", type=int, default=6)
     ap.add_argument("--only", default=None, help="comma-separated case names")
     ap.add_argument("--autoplan", action="store_true", help="only the auto-plan quality measurement")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of the auto-plan measurement")
     args = ap.parse_args()
     if args.autoplan:
-        autoplan_pipeline(args.iters)
+        autoplan_pipeline(args.iters, args.rounds)
         return
     names = args.only.split(",") if args.only else list(CASES)
     links_prof = measure_links()
