@@ -48,9 +48,11 @@ def test_rebalancing_after_a_slowdown_keeps_losses_and_recovers_throughput(tmp_p
     assert all(r["replica_samples"] == [16, 16] for r in static)
     assert any(r["straggler_rank"] == 1 for r in static[4:]), [r["slowest_ratio"] for r in static]
     splits = [r["replica_samples"] for r in moved]
-    # The control file is written once 3 steps are logged: step 4 or 5 runs slowed; 2 steps later the
-    # slow replica has less work, and it keeps less to the end.
-    assert all(s[1] < 16 for s in splits[6:]), splits
+    per_sample = [[t / n for t, n in zip(r["rank_compute_time_s"], r["replica_samples"])] for r in moved]
+    # The first step that ran slowed (when the file lands depends on the machine's load); from 2 steps
+    # later on, the slow replica has less work, to the end, and at least 4 such steps were measured.
+    k = next(i for i, (fast, slow) in enumerate(per_sample) if i >= 3 and slow > 2.5 * fast)
+    assert all(s[1] < 16 for s in splits[k + 2:]) and len(splits) - (k + 2) >= 4, (k, splits)
     # Throughput against what the new speeds allow. Speeds: seconds per sample per replica as measured
     # (the rebalancer's smoothed estimate at the end: single steps on this shared 2-core machine swing 2x).
     # The splits of the last 4 steps must give a step within 10% of the best split in whole micro-batches.
