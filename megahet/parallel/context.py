@@ -177,6 +177,22 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value not in (None, "") else default
 
 
+def _restart_store(rank: int, world_size: int, timeout: datetime.timedelta):
+    """The rendezvous store for this attempt of a torchrun job, or None for the default (env://).
+
+    Why: after torchrun restarts the workers (`--max-restarts`), the agent's store can still hold the
+    killed generation's gloo addresses under the same keys; a new rank that reads one before its peer
+    overwrites it connects to a dead port ("Connection refused") and the restart fails again. Keys are
+    prefixed with the restart count, so every generation meets only its own peers.
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"megahet/attempt_{restart}", store)
+
+
 def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
                            rank_specs: Optional[Sequence[RankSpec]] = None,
                            backend_name: Optional[str] = None,
@@ -233,7 +249,8 @@ def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
         lib = libraries[rank]
         # Mixed domains talk through gloo only; one native domain also gets gloo for host tensors.
         pg_backend = "gloo" if (lib == "gloo" or len(set(domains)) > 1) else f"cpu:gloo,{backend.device_type}:{lib}"
-        dist.init_process_group(backend=pg_backend, rank=rank, world_size=world_size, timeout=timeout)
+        dist.init_process_group(backend=pg_backend, rank=rank, world_size=world_size, timeout=timeout,
+                                store=_restart_store(rank, world_size, timeout))
 
     counters = LinkCounters()
     made: Dict[Tuple[str, Tuple[int, ...]], Optional[CommGroup]] = {}
