@@ -29,6 +29,7 @@ from megahet.device import Backend, default_backend_name, get_backend
 from megahet.errors import MegahetError
 from megahet.parallel.comm import CommGroup, make_group
 from megahet.parallel.hierarchical import HierarchicalGroup
+from megahet.parallel.link_throttle import SiteThrottle
 from megahet.parallel.links import LinkCounters, Links
 
 if TYPE_CHECKING:
@@ -198,7 +199,8 @@ def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
                            backend_name: Optional[str] = None,
                            timeout_s: float = 600.0,
                            plan: Optional[Plan] = None,
-                           assignment: Optional[List[List[List[int]]]] = None) -> ParallelContext:
+                           assignment: Optional[List[List[List[int]]]] = None,
+                           link_throttle: Optional[Sequence[Sequence[object]]] = None) -> ParallelContext:
     """Initialise torch.distributed from the torchrun environment (if not yet) and build the groups.
 
     Args:
@@ -209,6 +211,9 @@ def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
         timeout_s: collective timeout, so a hung collective fails instead of blocking forever.
         plan: a validated Plan (stages with their own TP degree, pipelines with their own
             micro-batches); `assignment` is its rank_assignment (validate() returns it).
+        link_throttle: table[src][dst] of link_throttle.LinkThrottle (or None) between global ranks on
+            different simulated sites (link_throttle.site_throttles); pipeline messages and the
+            hierarchical reductions' cross-domain exchange then take the link's time.
     """
     world_size = dist.get_world_size() if dist.is_initialized() else _env_int("WORLD_SIZE", 1)
     rank = dist.get_rank() if dist.is_initialized() else _env_int("RANK", 0)
@@ -253,6 +258,7 @@ def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
                                 store=_restart_store(rank, world_size, timeout))
 
     counters = LinkCounters()
+    throttle = SiteThrottle(rank, link_throttle) if link_throttle is not None and world_size > 1 else None
     made: Dict[Tuple[str, Tuple[int, ...]], Optional[CommGroup]] = {}
     mine: Dict[str, CommGroup] = {}
     for kind, lists in groups.items():  # every rank walks the same lists in the same order
@@ -261,7 +267,7 @@ def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
             key = ("h" if hierarchical else "", tuple(ranks))
             if key not in made:
                 made[key] = (_make(ranks, rank, domains, libraries, timeout, f"{kind}{list(ranks)}", device,
-                                   counters, hierarchical) if len(ranks) > 1 else None)
+                                   counters, hierarchical, throttle) if len(ranks) > 1 else None)
             if rank in ranks:
                 group = made[key] or CommGroup(ranks, rank, name=f"{kind}{list(ranks)}", device=device)
                 mine[kind] = group
@@ -272,7 +278,7 @@ def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
                       pg=dist.group.WORLD if world_size > 1 else None, bridged=world_bridged,
                       library="gloo" if world_bridged else libraries[rank], name="world", device=device)
     # The world group's job-wide scalars (norms, flags, losses) are not counted: counters show links.
-    links = Links(rank, domains, libraries, device, timeout, counters)
+    links = Links(rank, domains, libraries, device, timeout, counters, throttle=throttle)
     where = [(d, k, t) for d, row in enumerate(assignment) for k, ranks in enumerate(row)
              for t, r in enumerate(ranks) if r == rank]
     if len(where) != 1:
@@ -290,7 +296,7 @@ def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
     return ctx
 
 
-def _make(ranks, rank, domains, libraries, timeout, name, device, counters, hierarchical):
+def _make(ranks, rank, domains, libraries, timeout, name, device, counters, hierarchical, throttle=None):
     """A native group, a bridged group, or (for reductions over several domains) a hierarchical one."""
     spanned = list(dict.fromkeys(domains[r] for r in ranks))
     if not hierarchical or len(spanned) == 1:
@@ -307,7 +313,8 @@ def _make(ranks, rank, domains, libraries, timeout, name, device, counters, hier
         subs[d] = (sub_pg, lib)
     if rank not in ranks:
         return None
-    return HierarchicalGroup(ranks, rank, pg, domains, subs, name=name, device=device, counters=counters)
+    return HierarchicalGroup(ranks, rank, pg, domains, subs, name=name, device=device, counters=counters,
+                             throttle=throttle)
 
 
 def single_process_context(backend_name: str = "cpu", **options) -> ParallelContext:

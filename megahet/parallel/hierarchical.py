@@ -50,11 +50,12 @@ class HierarchicalGroup(CommGroup):
         sub_groups: for each domain with members here: (native group over its members or None for a
             single member, its library).
         counters: bytes sent over the bridge and natively.
+        throttle: a link_throttle.SiteThrottle for simulated sites, or None.
     """
 
     def __init__(self, ranks: Sequence[int], my_rank: int, pg, domains: Sequence[str],
                  sub_groups: Dict[str, Tuple[object, str]], name: str = "", device: Optional[torch.device] = None,
-                 counters: Optional[LinkCounters] = None):
+                 counters: Optional[LinkCounters] = None, throttle=None):
         super().__init__(ranks, my_rank, pg=pg, bridged=True, library="gloo", name=name, device=device)
         self.domain_of = {r: domains[r] for r in self.ranks}
         self.domain_order: List[str] = list(dict.fromkeys(domains[r] for r in self.ranks))
@@ -65,6 +66,7 @@ class HierarchicalGroup(CommGroup):
         self.sub = CommGroup(self.members[mine], my_rank, pg=sub_pg, library=lib, name=f"{name}/{mine}",
                              device=device)
         self.counters = counters if counters is not None else LinkCounters()
+        self.throttle = throttle
         self._worker: Optional[ThreadPoolExecutor] = None
 
     def __repr__(self):
@@ -172,9 +174,14 @@ class HierarchicalGroup(CommGroup):
                 native_batch.append(dist.P2POp(dist.irecv, buf, peer, pg))
         if native_batch:
             ops.extend(dist.batch_isend_irecv(native_batch))
+        receipt = self.throttle.post(self.pg, [(p, 0, 0) for p, _ in sends],
+                                     [(p, n * torch.empty(0, dtype=dtype).element_size(), 0) for p, n in recv_sizes]
+                                     ) if self.throttle is not None else None
         start = time.perf_counter()
         for w in ops:
             w.wait()
+        if receipt is not None:  # simulated sites: wait out the link's time
+            receipt.finish()
         self.counters.bridge_s += time.perf_counter() - start
         return [b if b.device == device else bridge.unstage(b, device, dtype) for b in outs]
 

@@ -1,18 +1,27 @@
 """Make a host-staged transfer take as long as it would over a slower link (simulated sites).
 
 The sim backend makes compute slower by sleeping after each chunk; this does the same for messages:
-after a transfer between two ranks on different simulated sites completes, the receiver waits until
-`latency + bytes / bandwidth` has passed since the transfer began. Links are given per direction in
-the cluster spec (`links.cross_site` GB/s, `links.cross_site_latency_ms`), so one CPU machine can
-run and measure a two-site plan.
+a message between two ranks on different simulated sites arrives `latency + bytes / bandwidth` after
+its sender posted it (a buffered send, as the planner's simulator assumes: the sender goes on, the
+receiver waits). Each throttled message is followed by a one-number stamp with the sender's post time
+(wall clock, the same on every process of one machine); the receiver, once the transfer is done,
+sleeps until the latest arrival. Links are given per direction in the cluster spec (`links.cross_site`
+GB/s, `links.cross_site_latency_ms`), so one CPU machine can run and measure a two-site plan.
+Links (pipeline messages) and HierarchicalGroup (the cross-domain shard exchange of a reduction) call
+it; a plain collective inside one domain that spans sites is not throttled.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
 
 from megahet.errors import MegahetError
+
+_STAMP_TAG = 1 << 20  # stamps travel beside their message, on a tag no data message uses
 
 
 @dataclass(frozen=True)
@@ -53,3 +62,74 @@ def site_throttles(rank_sites: Sequence[Optional[str]], links: dict) -> List[Lis
 def rank_sites(cluster) -> List[Optional[str]]:
     """The site of every global rank, in cluster spec order."""
     return [g.site for g in cluster.groups for _ in range(g.devices)]
+
+
+def cluster_throttles(cluster) -> Optional[List[List[Optional[LinkThrottle]]]]:
+    """The throttle table of a cluster spec whose groups sit on several sites joined by
+    `links.cross_site`; None when nothing is throttled."""
+    sites = rank_sites(cluster)
+    if len({s or "" for s in sites}) < 2 or not cluster.links.get("cross_site"):
+        return None
+    return site_throttles(sites, cluster.links)
+
+
+def arrival_wait(received: Sequence[Tuple[int, LinkThrottle, int, float]], now: float) -> float:
+    """Seconds to wait so that every message has arrived: `received` holds (sender, link, bytes, the
+    sender's post time) per throttled message; one sender's messages share its link (bytes add up)."""
+    by_sender: Dict[int, Tuple[LinkThrottle, int, float]] = {}
+    for peer, link, nbytes, stamp in received:
+        _, total, first = by_sender.get(peer, (link, 0, stamp))
+        by_sender[peer] = (link, total + nbytes, min(first, stamp))
+    arrival = max((start + link.duration(n) for link, n, start in by_sender.values()), default=now)
+    return max(0.0, arrival - now)
+
+
+class SiteThrottle:
+    """One rank's view of the throttle table: stamps its throttled sends, delays its throttled receives.
+
+    table[src][dst] is the LinkThrottle between two global ranks, or None (same site / no link).
+    """
+
+    def __init__(self, rank: int, table: Sequence[Sequence[Optional[LinkThrottle]]], clock=time.time,
+                 sleep=time.sleep):
+        self.rank, self.table, self.clock, self.sleep = rank, table, clock, sleep
+        self.waited_s = 0.0  # total seconds slept for link time (for logs and tests)
+
+    def link(self, src: int, dst: int) -> Optional[LinkThrottle]:
+        return self.table[src][dst]
+
+    def any(self) -> bool:
+        return any(x is not None for row in self.table for x in row)
+
+    def post(self, pg, sends: Sequence[Tuple[int, int, int]], recvs: Sequence[Tuple[int, int, int]]):
+        """Post stamps for (peer, bytes, tag) sends and receives on gloo group `pg` (None: the default
+        group); returns the pending receipt whose `finish()` waits out the link time, or None."""
+        now = self.clock()
+        works, got = [], []
+        for peer, _, tag in sends:
+            if self.link(self.rank, peer) is not None:
+                stamp = torch.tensor([now], dtype=torch.float64)  # [1] sender's post time
+                works.append((dist.isend(stamp, dst=peer, group=pg, tag=_STAMP_TAG + tag), stamp))
+        for peer, nbytes, tag in recvs:
+            link = self.link(peer, self.rank)
+            if link is not None:
+                buf = torch.empty(1, dtype=torch.float64)  # [1] the sender's post time
+                works.append((dist.irecv(buf, src=peer, group=pg, tag=_STAMP_TAG + tag), buf))
+                got.append((peer, link, nbytes, buf))
+        return _Receipt(self, works, got) if works else None
+
+
+class _Receipt:
+    """Stamps of one exchange; `finish()` after the data transfer completes."""
+
+    def __init__(self, owner: SiteThrottle, works, got):
+        self.owner, self.works, self.got = owner, works, got
+
+    def finish(self) -> float:
+        for work, _ in self.works:
+            work.wait()
+        wait = arrival_wait([(p, link, n, float(buf[0])) for p, link, n, buf in self.got], self.owner.clock())
+        if wait > 0:
+            self.owner.sleep(wait)
+            self.owner.waited_s += wait
+        return wait

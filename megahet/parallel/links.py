@@ -70,11 +70,14 @@ class Links:
         device: this rank's compute device (received tensors land there).
         timeout: process-group timeout.
         counters: where sent bytes are counted (shared with the context's other groups).
+        throttle: a link_throttle.SiteThrottle for simulated sites (messages between sites take the
+            link's latency + bytes / bandwidth), or None.
     """
 
     def __init__(self, my_rank: int, domains: Sequence[str], libraries: Sequence[str], device: torch.device,
-                 timeout, counters: Optional[LinkCounters] = None):
+                 timeout, counters: Optional[LinkCounters] = None, throttle=None):
         self.rank, self.domains, self.device = my_rank, list(domains), device
+        self.throttle = throttle
         self.counters = counters if counters is not None else LinkCounters()
         self.world_size = len(self.domains)
         order = list(dict.fromkeys(self.domains))  # domains in first-rank order: the same on every rank
@@ -141,7 +144,11 @@ class Links:
             buf = torch.empty(r.shape, dtype=r.dtype, device=self._wire(r.src))
             outs.append(buf)
             ops.append(("recv", buf, r.src, r.tag))
-        return _Handle(self._post(ops), keep), outs
+        works = self._post(ops)
+        receipt = self.throttle.post(self._bridge_pg, [(s.dst, 0, s.tag) for s in sends],
+                                     [(r.src, b.numel() * b.element_size(), r.tag) for r, b in zip(recvs, outs)]
+                                     ) if self.throttle is not None else None
+        return _Handle(works, keep, receipt), outs
 
     def post_host(self, sends: Sequence[Send], recvs: Sequence[Recv]):
         """Small host-tensor messages (pipeline shape headers) over gloo, never through a device
@@ -186,13 +193,15 @@ class Links:
 class _Handle:
     """Works of one post; keeps the staged send buffers alive until they complete."""
 
-    def __init__(self, works, keep):
-        self._works, self._keep = works, keep
+    def __init__(self, works, keep, receipt=None):
+        self._works, self._keep, self._receipt = works, keep, receipt
 
     def wait(self):
         for w in self._works:
             w.wait()
-        self._works, self._keep = [], None
+        if self._receipt is not None:  # simulated sites: wait out the link's time
+            self._receipt.finish()
+        self._works, self._keep, self._receipt = [], None, None
 
     def is_completed(self) -> bool:
         return all(w.is_completed() for w in self._works)

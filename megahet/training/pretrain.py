@@ -69,9 +69,10 @@ def build_context(cfg: MegahetConfig) -> ParallelContext:
     """The plan (from --plan, or the uniform one the flags describe) turned into this rank's context."""
     from megahet.hetero.plan_setup import build_plan
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    from megahet.parallel.link_throttle import cluster_throttles
     plan, cluster, assignment = build_plan(cfg, world_size)
     ctx = build_parallel_context(rank_specs=cluster.rank_specs(), timeout_s=cfg.parallel.distributed_timeout_s,
-                                 plan=plan, assignment=assignment)
+                                 plan=plan, assignment=assignment, link_throttle=cluster_throttles(cluster))
     ctx.cluster = cluster
     return ctx
 
