@@ -2,16 +2,20 @@
 
 1. Bridged P2P: a cpu rank sends to a sim rank (another communication domain) through `Links`
    (host-staged gloo), against plain gloo send/recv of the same bytes between the same two processes.
+   Both receive into a newly allocated tensor, as a pipeline must (the received activation is kept
+   for backward).
 2. Hierarchical all-reduce over cpu, cpu, sim, sim (native reduce-scatter in each domain, bridged
    exchange of shards, native all-gather), against one plain gloo all-reduce of the same tensor over
    the same four processes. Bandwidth = tensor bytes / time (algorithm bandwidth).
    Both pairs alternate inside one run, so machine load hits both sides alike.
-3. Plans on a cpu(1) + sim(0.5) cluster, each measured by training a small GPT for a few steps:
-   data parallel with the batch split 2:1 against the ideal (the sum of each device's throughput
-   alone), and a pipeline with the layers split 2:1 (balance = sum of stage compute times /
-   (stages x the largest)).
+3. Plans on a cpu(1) + sim(0.5) cluster, each measured by training a small 12-layer GPT for a few
+   steps: data parallel with the batch split 2:1 (16 + 8 samples) against the ideal, the sum of each
+   device's throughput alone on the same per-device work (16 samples on the cpu, 8 on the sim); and
+   a pipeline with the layers split 2:1 (8 + 4), whose balance is the sum of stage compute times /
+   (stages x the largest). The alone and plan runs are interleaved for `--rounds` rounds and the
+   median of each is used, so a change in machine load between runs hits all of them alike.
 
-    python tools/bench_hetero.py [--mb 16 --reps 5 --iters 6]
+    python tools/bench_hetero.py [--mb 16 --reps 9 --iters 6 --rounds 2]
 
 Figures are noisy when other jobs share the CPUs; ratios are the meaningful part.
 """
@@ -31,7 +35,7 @@ from megahet.parallel.links import Recv, Send
 from megahet.testing import run_distributed
 from megahet.training.pretrain import pretrain
 
-MODEL = dict(num_layers=6, hidden_size=256, num_attention_heads=4, seq_length=128, mock_data=True, vocab_size=512,
+MODEL = dict(num_layers=12, hidden_size=256, num_attention_heads=4, seq_length=128, mock_data=True, vocab_size=512,
              make_vocab_size_divisible_by=8, lr=1e-3, min_lr=1e-4, lr_warmup_iters=1, log_interval=1,
              eval_interval=0, seed=3, distributed_timeout_s=120)
 
@@ -42,21 +46,24 @@ def _p2p(mb: int, reps: int):
     x = torch.randn(n)  # [n] fp32
     plain = dist.new_group([0, 1], backend="gloo")
     bridged_s, gloo_s = [], []
-    for _ in range(reps + 1):  # the first round warms both paths up
-        dist.barrier()
-        t0 = time.perf_counter()
+    def bridged():
         if ctx.rank == 0:
             ctx.links.exchange([Send(x, 1)], [])
         else:
             ctx.links.exchange([], [Recv((n,), torch.float32, 0)])
-        bridged_s.append(time.perf_counter() - t0)
-        dist.barrier()
-        t0 = time.perf_counter()
+
+    def gloo():
         if ctx.rank == 0:
             dist.send(x, 1, group=plain)
         else:
-            dist.recv(x, 0, group=plain)
-        gloo_s.append(time.perf_counter() - t0)
+            dist.recv(torch.empty(n), 0, group=plain)  # [n]: a new receive buffer, like the bridge's
+
+    for i in range(reps + 1):  # the first round warms both paths up; the order alternates
+        for fn, times in ((bridged, bridged_s), (gloo, gloo_s))[::1 if i % 2 else -1]:
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
     return {"bridged_s": statistics.median(bridged_s[1:]), "gloo_s": statistics.median(gloo_s[1:]),
             "bytes": n * 4, "bridge_bytes": ctx.counters.bridge_bytes}
 
@@ -67,16 +74,15 @@ def _reduce(mb: int, reps: int):
     n = mb * 2**20 // 4
     plain = dist.new_group([0, 1, 2, 3], backend="gloo")
     hier_s, gloo_s = [], []
-    for _ in range(reps + 1):
-        x = torch.randn(n)  # [n] fp32
-        dist.barrier()
-        t0 = time.perf_counter()
-        ctx.dp_group.all_reduce(x)
-        hier_s.append(time.perf_counter() - t0)
-        dist.barrier()
-        t0 = time.perf_counter()
-        dist.all_reduce(x, group=plain)
-        gloo_s.append(time.perf_counter() - t0)
+    x = torch.randn(n)  # [n] fp32
+    for i in range(reps + 1):  # the first round warms both paths up; the order alternates
+        for fn, times in (((lambda: ctx.dp_group.all_reduce(x)), hier_s),
+                          ((lambda: dist.all_reduce(x, group=plain)), gloo_s))[::1 if i % 2 else -1]:
+            x.normal_()
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
     bridge = ctx.counters.bridge_bytes / (reps + 1)
     ctx.dp_group.close()
     return {"hier_s": statistics.median(hier_s[1:]), "gloo_s": statistics.median(gloo_s[1:]), "bytes": n * 4,
@@ -114,35 +120,51 @@ def _run_plan(tmp, name, world, cluster, plan, iters, gbs):
     return tokens, steady
 
 
-def _plans(iters: int):
-    seq = MODEL["seq_length"]
+def _plans(iters: int, rounds: int):
+    runs = {
+        # name: (world, cluster, plan, global batch)
+        "alone_cpu": (1, ALONE["cpu"], "layers: [12]\npipelines:\n"
+                      "  - {micro_batch_size: 2, micro_batches: 8, stages: [{group: fast}]}\n", 16),
+        "alone_sim": (1, ALONE["sim"], "layers: [12]\npipelines:\n"
+                      "  - {micro_batch_size: 2, micro_batches: 4, stages: [{group: slow}]}\n", 8),
+        "dp": (2, CLUSTER, "layers: [12]\npipelines:\n"
+               "  - {micro_batch_size: 2, micro_batches: 8, stages: [{group: fast}]}\n"
+               "  - {micro_batch_size: 2, micro_batches: 4, stages: [{group: slow}]}\n", 24),
+        "pp": (2, CLUSTER, "layers: [8, 4]\npipelines:\n"
+               "  - {micro_batch_size: 2, micro_batches: 8, stages: [{group: fast}, {group: slow}]}\n", 16),
+    }
+    tokens = {name: [] for name in runs}
+    balances = []
     with tempfile.TemporaryDirectory() as tmp:
-        alone = {}
-        for kind, group in (("cpu", "fast"), ("sim", "slow")):
-            plan = f"layers: [6]\npipelines:\n  - {{micro_batch_size: 2, micro_batches: 3, stages: [{{group: {group}}}]}}\n"
-            alone[kind], _ = _run_plan(tmp, f"alone_{kind}", 1, ALONE[kind], plan, iters, 6)
-        dp_plan = ("layers: [6]\npipelines:\n"
-                   "  - {micro_batch_size: 2, micro_batches: 4, stages: [{group: fast}]}\n"
-                   "  - {micro_batch_size: 2, micro_batches: 2, stages: [{group: slow}]}\n")
-        dp_tokens, _ = _run_plan(tmp, "dp", 2, CLUSTER, dp_plan, iters, 12)
-        pp_plan = ("layers: [4, 2]\npipelines:\n"
-                   "  - {micro_batch_size: 2, micro_batches: 6, stages: [{group: fast}, {group: slow}]}\n")
-        pp_tokens, steady = _run_plan(tmp, "pp", 2, CLUSTER, pp_plan, iters, 12)
-        balances = []
-        for r in steady:
-            compute = [s["compute_s"] for s in r["stages"].values()]
-            balances.append(sum(compute) / (len(compute) * max(compute)))
-    return {"alone": alone, "dp_tokens": dp_tokens, "pp_tokens": pp_tokens, "balance": statistics.median(balances),
-            "seq": seq}
+        for r in range(rounds):
+            for name, (world, cluster, plan, gbs) in runs.items():
+                t, steady = _run_plan(tmp, f"{name}{r}", world, cluster, plan, iters, gbs)
+                tokens[name].append(t)
+                if name == "pp":
+                    for rec in steady:
+                        compute = [s["compute_s"] for s in rec["stages"].values()]
+                        balances.append(sum(compute) / (len(compute) * max(compute)))
+    med = {name: statistics.median(v) for name, v in tokens.items()}
+    return {"alone": {"cpu": med["alone_cpu"], "sim": med["alone_sim"]}, "dp_tokens": med["dp"],
+            "pp_tokens": med["pp"], "balance": statistics.median(balances), "all": tokens}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=int, default=16, help="MiB per transfer / reduction")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--iters", type=int, default=6, help="training steps per plan run")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the alone and plan runs")
+    ap.add_argument("--parts", default="comm,plans", help="comm (P2P and reduction), plans, or both")
     args = ap.parse_args()
     env = {"MEGAHET_TEST_THREADS": "1"}
+    if "comm" in args.parts.split(","):
+        _comm(args, env)
+    if "plans" in args.parts.split(","):
+        _report_plans(args)
+
+
+def _comm(args, env):
     p2p = run_distributed(_p2p, 2, args.mb, args.reps, timeout=600, env=env)[0]
     red = run_distributed(_reduce, 4, args.mb, args.reps, timeout=600, env=env)[0]
     gbps = lambda b, s: b / s / 1e9  # noqa: E731
@@ -152,13 +174,17 @@ def main():
           f"plain gloo all-reduce {gbps(red['bytes'], red['gloo_s']):.2f} GB/s -> "
           f"{red['gloo_s'] / red['hier_s']:.0%} of gloo; bridged {red['bridge_bytes_per_call'] / 2**20:.1f} MiB "
           f"per call on rank 0 (the tensor is {args.mb} MiB)")
-    plans = _plans(args.iters)
+
+
+def _report_plans(args):
+    plans = _plans(args.iters, args.rounds)
     ideal = plans["alone"]["cpu"] + plans["alone"]["sim"]
     print(f"alone: cpu {plans['alone']['cpu']:.0f} tokens/s, sim(0.5) {plans['alone']['sim']:.0f} tokens/s, "
           f"ideal sum {ideal:.0f}")
-    print(f"data parallel 8+4 samples: {plans['dp_tokens']:.0f} tokens/s -> {plans['dp_tokens'] / ideal:.0%} of ideal")
-    print(f"pipeline layers 4+2: {plans['pp_tokens']:.0f} tokens/s ({plans['pp_tokens'] / ideal:.0%} of ideal), "
+    print(f"data parallel 16+8 samples: {plans['dp_tokens']:.0f} tokens/s -> {plans['dp_tokens'] / ideal:.0%} of ideal")
+    print(f"pipeline layers 8+4: {plans['pp_tokens']:.0f} tokens/s ({plans['pp_tokens'] / ideal:.0%} of ideal), "
           f"stage balance {plans['balance']:.0%}")
+    print("tokens/s per round: " + ", ".join(f"{k} {[round(v) for v in vs]}" for k, vs in plans["all"].items()))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from megahet.parallel import bridge
+from megahet.parallel import bridge, wait_clock
 from megahet.parallel.comm import CommGroup, Work
 from megahet.parallel.links import LinkCounters
 
@@ -68,6 +68,7 @@ class HierarchicalGroup(CommGroup):
         self.counters = counters if counters is not None else LinkCounters()
         self.throttle = throttle
         self._worker: Optional[ThreadPoolExecutor] = None
+        self._scratch: Dict[tuple, torch.Tensor] = {}
 
     def __repr__(self):
         return f"HierarchicalGroup({self.name}, ranks={self.ranks}, domains={self.domain_order})"
@@ -87,6 +88,19 @@ class HierarchicalGroup(CommGroup):
             self._worker.shutdown(wait=True)
             self._worker = None
 
+    def _buffer(self, role, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """A reusable work buffer of `numel` elements for one role inside a call.
+
+        Calls run one at a time on the worker thread and no buffer outlives its call, so reusing them
+        is safe; it spares the page faults of a fresh multi-MB host allocation per bucket per step.
+        """
+        key = (role, dtype, str(device))
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype, device=device)  # [numel]
+            self._scratch[key] = buf
+        return buf[:numel]
+
     # ------------------------------------------------------------------ hierarchical reductions
     def _interval(self, rank: int, length: int) -> Tuple[int, int]:
         """Interval of the flat tensor that `rank` holds after its domain's reduce-scatter."""
@@ -96,13 +110,21 @@ class HierarchicalGroup(CommGroup):
         return min(j * per, length), min((j + 1) * per, length)
 
     def _domain_partial(self, flat: torch.Tensor, op: str) -> torch.Tensor:
-        """Native reduce-scatter inside this rank's domain: its partial over its interval (padded)."""
+        """Reduce-scatter inside this rank's domain: its domain's partial over its interval.
+
+        `flat` is a work buffer this call may overwrite. The result has `per` = ceil(n / members)
+        elements (the last members' intervals may be shorter than `per` or empty; the tail is padding).
+        """
         n = self.sub.size
         per = -(-flat.numel() // n)
-        padded = torch.zeros(per * n, dtype=flat.dtype, device=flat.device)  # [per * n]
-        padded[:flat.numel()] = flat
         if n == 1:
-            return padded
+            return flat
+        if self.sub.library == "gloo":
+            return self._ring_reduce_scatter(flat, per, op)
+        padded = flat
+        if per * n != flat.numel():
+            padded = torch.zeros(per * n, dtype=flat.dtype, device=flat.device)  # [per * n]
+            padded[:flat.numel()] = flat
         out = torch.empty(per, dtype=flat.dtype, device=flat.device)  # [per]
         if op == "sum":
             self.sub.reduce_scatter_into(out, padded)
@@ -110,6 +132,40 @@ class HierarchicalGroup(CommGroup):
             self.sub.all_reduce(padded, op=op)
             j = self.sub.rank
             out.copy_(padded[j * per:(j + 1) * per])
+        return out
+
+    def _ring_reduce_scatter(self, flat: torch.Tensor, per: int, op: str) -> torch.Tensor:
+        """Ring reduce-scatter over a host (gloo) domain, in place in `flat`, by point-to-point.
+
+        gloo's own reduce_scatter costs about as much as an all-reduce of the whole tensor (it reduces
+        everything, then scatters); a ring moves (members - 1) / members of it once. Member j ends with
+        the domain's total over chunk j, summed in ring order (the same bits on every member, since the
+        all-gather then copies it). Returns chunk j, padded to `per` elements.
+        """
+        members = self.members[self.domain_of[self.my_rank]]
+        n, j, length = len(members), self.sub.rank, flat.numel()
+        right, left = members[(j + 1) % n], members[(j - 1) % n]
+        chunk = lambda c: flat[min(c * per, length):min((c + 1) * per, length)]  # noqa: E731
+        scratch = self._buffer("ring", per, flat.dtype, flat.device)  # [per]
+        with wait_clock.waiting():
+            for step in range(n - 1):
+                send, recv = chunk((j - step - 1) % n), chunk((j - step - 2) % n)
+                works = []
+                if send.numel():
+                    works.append(dist.isend(send.contiguous(), dst=right, group=self.sub.pg))
+                incoming = scratch[:recv.numel()]
+                if recv.numel():
+                    works.append(dist.irecv(incoming, src=left, group=self.sub.pg))
+                for w in works:
+                    w.wait()
+                if recv.numel():
+                    _COMBINE[op](recv, incoming, out=recv)
+        self.counters.add(right, (n - 1) * per * flat.element_size(), False)
+        mine = chunk(j)
+        if mine.numel() == per:
+            return mine
+        out = torch.zeros(per, dtype=flat.dtype, device=flat.device)  # [per]
+        out[:mine.numel()] = mine
         return out
 
     def _combine(self, partial: torch.Tensor, length: int, target, op: str) -> torch.Tensor:
@@ -136,14 +192,21 @@ class HierarchicalGroup(CommGroup):
         lo, hi = _overlap(mine, want)
         if hi > lo:
             pieces[me] = (lo, hi, partial[lo - mine[0]:hi - mine[0]])
-        total = None
+        parts = []
         for d in self.domain_order:  # one fixed order: every member computes the same bits
-            buf = torch.zeros(want[1] - want[0], dtype=partial.dtype, device=partial.device)  # [|want|]
-            for s in self.members[d]:
-                if s in pieces:
-                    a, b, t = pieces[s]
-                    buf[a - want[0]:b - want[0]] = t
-            total = buf if total is None else _COMBINE[op](total, buf)
+            have = [pieces[s] for s in self.members[d] if s in pieces]
+            if len(have) == 1 and have[0][:2] == want:
+                parts.append(have[0][2])  # one shard covers it: use it as it is (read only below)
+            else:
+                part = torch.zeros(want[1] - want[0], dtype=partial.dtype, device=partial.device)  # [|want|]
+                for a, b, t in have:
+                    part[a - want[0]:b - want[0]] = t
+                parts.append(part)
+        # A buffer of our own: the parts may view the caller's tensor.
+        total = _COMBINE[op](parts[0], parts[1], out=self._buffer("total", want[1] - want[0], partial.dtype,
+                                                                   partial.device))
+        for part in parts[2:]:
+            _COMBINE[op](total, part, out=total)
         return total
 
     def _p2p(self, sends, recv_sizes, dtype, device) -> List[torch.Tensor]:
@@ -165,7 +228,7 @@ class HierarchicalGroup(CommGroup):
         for peer, n in recv_sizes:
             crosses = self.domain_of[peer] != mine
             on_host = crosses or self.sub.library == "gloo"
-            buf = torch.empty(n, dtype=dtype, device="cpu" if on_host else device)
+            buf = self._buffer(("recv", len(outs)), n, dtype, "cpu" if on_host else device)
             outs.append(buf)
             pg = self.pg if crosses else self.sub.pg
             if on_host:
@@ -186,17 +249,44 @@ class HierarchicalGroup(CommGroup):
         return [b if b.device == device else bridge.unstage(b, device, dtype) for b in outs]
 
     def _all_reduce_now(self, tensor: torch.Tensor, op: str) -> None:
-        work = tensor.detach().reshape(-1)
-        work = work.float() if work.dtype in _HALF else work.clone()  # [n] (fp32 for half types)
+        flat = tensor.detach().reshape(-1)
+        in_place = flat.dtype not in _HALF and flat.is_contiguous() and flat.data_ptr() == tensor.data_ptr()
+        work = flat if in_place else flat.float() if flat.dtype in _HALF else flat.clone()  # [n] (fp32 for halves)
         n = work.numel()
         partial = self._domain_partial(work, op)
         total = self._combine(partial, n, lambda r: self._interval(r, n), op)  # [|my interval|]
         per = partial.numel()
-        mine = torch.zeros(per, dtype=work.dtype, device=work.device)
-        mine[:total.numel()] = total
-        full = torch.empty(per * self.sub.size, dtype=work.dtype, device=work.device)  # [per * domain size]
-        self.sub.all_gather_into(full, mine)
-        bridge.write_back(full[:n].view_as(tensor), tensor)
+        members = self.sub.size
+        if per * members == n and total.numel() == per:  # no padding: gather straight into the result
+            if self.sub.library == "gloo" and members > 1:
+                self._ring_all_gather(work, total, per)
+            else:
+                self.sub.all_gather_into(work, total)
+        else:
+            mine = torch.zeros(per, dtype=work.dtype, device=work.device)
+            mine[:total.numel()] = total
+            full = torch.empty(per * members, dtype=work.dtype, device=work.device)  # [per * domain size]
+            self.sub.all_gather_into(full, mine)
+            work[:] = full[:n]
+        if work is not flat:
+            bridge.write_back(work.view_as(tensor), tensor)
+
+    def _ring_all_gather(self, out: torch.Tensor, chunk: torch.Tensor, per: int) -> None:
+        """Ring all-gather over a host (gloo) domain by point-to-point: member j's `chunk` lands in
+        out[j * per:(j + 1) * per] on every member. gloo's all-gather stages through a list of
+        per-member outputs and copies; this receives straight into `out`."""
+        members = self.members[self.domain_of[self.my_rank]]
+        n, j = len(members), self.sub.rank
+        right, left = members[(j + 1) % n], members[(j - 1) % n]
+        out[j * per:(j + 1) * per] = chunk
+        with wait_clock.waiting():
+            for step in range(n - 1):
+                s, r = (j - step) % n, (j - step - 1) % n
+                works = [dist.isend(out[s * per:(s + 1) * per], dst=right, group=self.sub.pg),
+                         dist.irecv(out[r * per:(r + 1) * per], src=left, group=self.sub.pg)]
+                for w in works:
+                    w.wait()
+        self.counters.add(right, (n - 1) * per * out.element_size(), False)
 
     def _reduce_scatter_now(self, out: torch.Tensor, tensor: torch.Tensor) -> None:
         flat = tensor.detach().reshape(-1)
