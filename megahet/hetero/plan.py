@@ -269,10 +269,11 @@ class Plan:
         if self.virtual_stages > 1:
             if pp == 1:
                 raise MegahetError("plan virtual_stages > 1 needs at least two stages; set virtual_stages: 1")
-            bad = [n for n in self.layers if n % self.virtual_stages]
+            bad = [n for n in self.layers if n < self.virtual_stages]
             if bad:
-                raise MegahetError(f"plan layers {self.layers}: every stage's count must be divisible by "
-                                   f"virtual_stages {self.virtual_stages}; change layers or virtual_stages")
+                raise MegahetError(f"plan layers {self.layers}: every stage needs at least virtual_stages "
+                                   f"{self.virtual_stages} layers (one per model chunk); change layers or "
+                                   "virtual_stages")
         for i, p in enumerate(self.pipelines):
             if len(p.stages) != pp:
                 raise MegahetError(f"plan pipeline {i} has {len(p.stages)} stages but layers has {pp} entries; "

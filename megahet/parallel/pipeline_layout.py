@@ -6,8 +6,9 @@ block ``k`` lives on rank ``k % pp`` as local model chunk ``k // pp``. So virtua
 Every rank therefore holds the same number of chunks, which is what the interleaved schedule needs.
 
 ``pipeline_layers`` (``--pipeline-layers 5,3,4``) gives uneven counts. Accepted forms:
-  * ``pp`` entries: layers per pipeline stage; with ``vpp > 1`` each stage's count is split evenly
-    into its ``vpp`` chunks (so it must be divisible by ``vpp``);
+  * ``pp`` entries: layers per pipeline stage; with ``vpp > 1`` each stage's count is split into its
+    ``vpp`` chunks as evenly as possible, earlier chunks taking the remainder (7 layers, 2 chunks:
+    4 + 3), so uneven stages and interleaving combine without a divisibility rule;
   * ``pp * vpp`` entries (only when ``vpp > 1``): layers per virtual stage in pipeline order
     (block 0, 1, ..., i.e. rank 0 chunk 0, rank 1 chunk 0, ..., rank 0 chunk 1, ...).
 Every stage and every chunk needs at least one layer: the first holds the embedding, the last the
@@ -120,9 +121,14 @@ def _block_sizes(num_layers: int, pp_size: int, vpp_size: int,
                            f"--pipeline-model-parallel-size {pp_size}; give one count per stage")
     if len(counts) == n_blocks:
         return counts
-    # One entry per stage with vpp > 1: split each stage evenly into its chunks.
-    bad = [r for r, n in enumerate(counts) if n % vpp_size]
-    if bad:
-        raise MegahetError(f"--pipeline-layers entry for stage {bad[0]} ({counts[bad[0]]}) is not divisible by "
-                           f"{vpp_size} model chunks; give {n_blocks} per-virtual-stage counts instead")
-    return [counts[k % pp_size] // vpp_size for k in range(n_blocks)]
+    # One entry per stage with vpp > 1: split each stage as evenly as possible into its chunks.
+    short = [r for r, n in enumerate(counts) if n < vpp_size]
+    if short:
+        raise MegahetError(f"--pipeline-layers entry for stage {short[0]} ({counts[short[0]]}) is fewer than its "
+                           f"{vpp_size} model chunks; give that stage at least {vpp_size} layers or fewer chunks")
+    return [split_evenly(counts[k % pp_size], vpp_size)[k // pp_size] for k in range(n_blocks)]
+
+
+def split_evenly(n: int, parts: int) -> list[int]:
+    """`n` layers in `parts` chunks, sizes differing by at most one, the larger first."""
+    return [n // parts + (1 if c < n % parts else 0) for c in range(parts)]

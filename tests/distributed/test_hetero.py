@@ -69,8 +69,9 @@ def test_bridge_only_on_the_cross_domain_hop(tmp_path):
 
 
 def test_interleaved_virtual_stages_across_domains(tmp_path):
+    """Uneven stages (5 + 3) with 2 virtual stages each: chunks of 3 + 2 and 2 + 1 layers."""
     ref = losses(_run(1, tmp_path, "ref", train_iters=3, num_layers=8))
-    plan = "virtual_stages: 2\n" + plan_text([4, 4], [(2, 4, [("fast", 1), ("slow", 1)])])
+    plan = "virtual_stages: 2\n" + plan_text([5, 3], [(2, 4, [("fast", 1), ("slow", 1)])])
     rec = _run(2, tmp_path, "vpp", train_iters=3, num_layers=8, **_files(tmp_path, "vpp", CPU_SIM, plan))
     _same(losses(rec), ref)
 

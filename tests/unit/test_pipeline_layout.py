@@ -55,7 +55,7 @@ def test_every_layer_appears_once():
     (dict(num_layers=12, pp_size=3, pipeline_layers=[12, 0, 0]), r"stage with no layers"),
     (dict(num_layers=12, pp_size=2, layers_per_virtual_stage=4),
      r"not divisible by --num-layers-per-virtual-pipeline-stage 4"),
-    (dict(num_layers=12, pp_size=2, vpp_size=2, pipeline_layers=[7, 5]), r"not divisible by 2 model chunks"),
+    (dict(num_layers=12, pp_size=2, vpp_size=2, pipeline_layers=[11, 1]), r"stage 1 \(1\) is fewer than its 2 model"),
     (dict(num_layers=12, pp_size=2, vpp_size=2, pipeline_layers=[3, 3, 6]), r"needs 2 \(per stage\) or 4"),
     (dict(num_layers=12, pp_size=2, vpp_size=3, layers_per_virtual_stage=3), r"contradicts"),
     (dict(num_layers=12, pp_size=1, vpp_size=2), r"--pipeline-model-parallel-size > 1"),
@@ -65,3 +65,9 @@ def test_errors_name_flags(kwargs, match):
     with pytest.raises(MegahetError, match=match) as info:
         layers_per_stage(**kwargs)
     assert "\n" not in str(info.value)
+
+
+def test_uneven_stage_counts_split_into_chunks_larger_first():
+    # 7 = 4 + 3 on rank 0, 5 = 3 + 2 on rank 1; blocks in pipeline order r0c0, r1c0, r0c1, r1c1.
+    assert layers_per_stage(12, 2, 2, pipeline_layers=[7, 5]) == [[range(0, 4), range(7, 10)],
+                                                                 [range(4, 7), range(10, 12)]]

@@ -130,8 +130,8 @@ def test_other_errors():
     _fails(raw, r"rank\(s\) \[4, 5\], which belong to group\(s\) \['slow'\], not 'fast'")
     _fails(_raw(), "tensor_parallel 2, which does not divide num_attention_heads 3", num_attention_heads=3)
     raw = _raw()
-    raw["virtual_stages"] = 2
-    _fails(raw, "divisible by virtual_stages 2")
+    raw["virtual_stages"] = 4  # layers [5, 3]: the second stage cannot give each of 4 chunks a layer
+    _fails(raw, "every stage needs at least virtual_stages 4 layers")
     raw = _raw()
     raw["pipelines"][1]["stages"] = [{"group": "fast", "tensor_parallel": 1}, {"group": "slow", "tensor_parallel": 1}]
     raw["pipelines"][0]["stages"][0]["tensor_parallel"] = 1
@@ -163,3 +163,14 @@ def test_missing_file_and_bad_yaml(tmp_path):
         Plan.from_yaml(str(tmp_path / "none.yaml"))
     with pytest.raises(MegahetError, match="not valid YAML"):
         Plan.from_yaml("layers: [1\npipelines: x")
+
+
+def test_uneven_stages_interleave_without_divisibility():
+    """[5, 3] layers with 2 virtual stages: chunks of 3 + 2 and 2 + 1 layers, in pipeline order."""
+    from megahet.parallel.pipeline_layout import layers_per_stage
+    raw = _raw()
+    raw["virtual_stages"] = 2
+    plan = Plan.from_dict(raw)
+    plan.validate(CLUSTER, num_layers=8, global_batch_size=12, world_size=6)
+    chunks = layers_per_stage(8, 2, 2, pipeline_layers=plan.layers)
+    assert chunks == [[range(0, 3), range(5, 7)], [range(3, 5), range(7, 8)]]
