@@ -374,6 +374,7 @@ def build_config(overrides: Optional[dict] = None, yaml_path: Optional[str] = No
         if choices and v not in choices:
             raise MegahetError(f"--{name.replace('_', '-')} must be one of {[c for c in choices if c is not None]}, got {v!r}")
         setattr(getattr(cfg, section), name, v)
+    cfg.explicit_fields = frozenset(values)  # given in YAML, flags or overrides (not a field: never saved)
     finalize(cfg)
     if validate:
         validate_config(cfg)

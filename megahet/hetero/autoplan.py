@@ -220,7 +220,12 @@ def auto_layout(cfg, cluster, vocab_size: Optional[int] = None) -> dict:
 
 
 def layout_flags_given(cfg) -> bool:
-    """True when the config sets any layout flag away from its default (the user chose a layout)."""
+    """True when the user gave any layout flag (command line, YAML or overrides), even one equal to its
+    default: `--tensor-model-parallel-size 1` asks for TP 1, not for the planner. A config not made by
+    `build_config` (no record of what was given) counts flags away from their defaults."""
+    given = getattr(cfg, "explicit_fields", None)
+    if given is not None:
+        return any(k in given for k in _DEFAULTS)
     p = cfg.parallel
     return any(getattr(p, k) != d for k, d in _DEFAULTS.items())
 

@@ -48,6 +48,8 @@ def to_json(res: Result) -> dict:
                     "bwd_s": round(s.bwd_s, 6), "in_flight": s.inflight, "memory_gb": s.memory.as_gb()}
                    for s in pred.stages],
         "runner_up": res.why_runner_up_lost,
+        **({"measured_step_time_s": res.plan["predicted"]["measured_step_time_s"]}  # --confirm ran
+           if "measured_step_time_s" in (res.plan.get("predicted") or {}) else {}),
     }
 
 

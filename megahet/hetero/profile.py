@@ -40,7 +40,9 @@ class Profile:
     links: Dict[str, List[float]] = field(default_factory=dict)         # kind -> [bytes/s, latency s]
 
     def time(self, what: str, mbs: int) -> Tuple[float, float]:
-        """(fwd, bwd) seconds at micro-batch `mbs`; other sizes by a linear fit in mbs through the points."""
+        """(fwd, bwd) seconds at micro-batch `mbs`: measured, interpolated between the two measured sizes
+        around it, or beyond the measured range scaled in proportion from the nearest one (a line
+        through two noisy small sizes can extrapolate to negative times)."""
         hit = self.times.get(f"{what}/{mbs}")
         if hit:
             return hit[0], hit[1]
@@ -49,10 +51,10 @@ class Profile:
             if what == "embed":
                 return 0.0, 0.0
             raise MegahetError(f"profile {self.key} has no '{what}' timings; delete the profile cache and re-run")
-        if len(pts) == 1:
-            b, (f, w) = pts[0]
+        if len(pts) == 1 or mbs > pts[-1][0] or mbs < pts[0][0]:
+            b, (f, w) = pts[-1] if mbs > pts[-1][0] else pts[0]
             return f * mbs / b, w * mbs / b
-        (b0, v0), (b1, v1) = (pts[0], pts[-1]) if mbs > pts[-1][0] or mbs < pts[0][0] else _bracket(pts, mbs)
+        (b0, v0), (b1, v1) = _bracket(pts, mbs)
         return tuple(v0[i] + (v1[i] - v0[i]) * (mbs - b0) / (b1 - b0) for i in (0, 1))  # type: ignore
 
     def activation_bytes(self, what: str, recompute: Optional[str]) -> Optional[float]:

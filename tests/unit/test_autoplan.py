@@ -43,6 +43,16 @@ def test_auto_layout_writes_the_chosen_layout_into_the_config():
     assert not layout_flags_given(_cfg())
 
 
+def test_a_layout_flag_equal_to_its_default_still_counts_as_given():
+    from megahet.config import parse_args
+    base = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+            "--global-batch-size", "8", "--mock-data", "--train-iters", "1"]
+    assert not layout_flags_given(parse_args(base))
+    assert layout_flags_given(parse_args(base + ["--tensor-model-parallel-size", "1"]))
+    assert layout_flags_given(parse_args(base + ["--pipeline-model-parallel-size", "1"]))
+    assert layout_flags_given(_cfg(expert_model_parallel_size=1))
+
+
 def test_choose_plan_returns_a_valid_runtime_plan():
     cfg = _cfg()
     cluster = parse_cluster(CLUSTER)
