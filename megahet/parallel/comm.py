@@ -71,6 +71,17 @@ def _timed_waits(cls):
     return cls
 
 
+# Reduction dtypes a native library does not offer. HcclAllReduce/HcclReduceScatter take int8/16/32/64,
+# fp16, fp32 and bf16 on Atlas training, A2 (910B) and A3 parts, not fp64 (CANN HCCL API reference,
+# HcclAllReduce "dataType"); such tensors are reduced in fp32 and written back.
+_LACKS_REDUCE_DTYPE = {"hccl": frozenset({torch.float64})}
+
+
+def reduction_dtype(library: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype `library` reduces a `dtype` tensor in (fp32 where it has no fp64 reductions)."""
+    return torch.float32 if dtype in _LACKS_REDUCE_DTYPE.get(library, ()) else dtype
+
+
 @_timed_waits
 @named_failures  # a hung or dead peer: one-line error naming this rank, the collective and the group
 class CommGroup:
@@ -137,11 +148,17 @@ class CommGroup:
         if self.size == 1:
             return Work() if async_op else tensor
         self.check_devices(tensor)
-        staged = bridge.stage_for_reduction(tensor, self.bridged, self._upcast_reductions)
+        staged = self._stage_reduction(tensor)
         self._count(staged)
         work = dist.all_reduce(staged, op=_OPS[op], group=self.pg, async_op=async_op)
         finish = (lambda: bridge.write_back(staged, tensor)) if staged is not tensor else None
         return _complete(work, finish, async_op, tensor)
+
+    def _stage_reduction(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor as the library reduces it: host-staged for the bridge, upcast where needed."""
+        staged = bridge.stage_for_reduction(tensor, self.bridged, self._upcast_reductions)
+        dtype = reduction_dtype(self.library, staged.dtype)
+        return staged if dtype == staged.dtype else staged.to(dtype)
 
     def _into(self, collective, out: torch.Tensor, staged: torch.Tensor, async_op: bool):
         """Run `collective(result, staged)` straight into `out` when dtype and device allow, else into
@@ -161,7 +178,7 @@ class CommGroup:
             raise ValueError(f"reduce_scatter over {self.name}: input rows {tensor.shape[0]} != "
                              f"{self.size} x output rows {out.shape[0]}")
         self.check_devices(out, tensor)
-        staged = bridge.stage_for_reduction(tensor.contiguous(), self.bridged, self._upcast_reductions)
+        staged = self._stage_reduction(tensor.contiguous())
         self._count(staged)
         return self._into(_REDUCE_SCATTER, out, staged, async_op)
 

@@ -46,7 +46,8 @@ def replica_microbatches(dataset, consumed_samples: int, global_batch_size: int,
 def global_token_count(microbatches, ctx: ParallelContext) -> float:
     """Loss tokens of the whole global batch (sum over data-parallel replicas)."""
     # On the compute device: nccl/hccl groups take no host tensors (one host->device copy per step).
-    local = torch.tensor([sum(float(mb["loss_mask"].sum()) for mb in microbatches)], dtype=torch.float64,
+    # int64: exact on every library (hccl has no fp64 reductions).
+    local = torch.tensor([sum(int(mb["loss_mask"].sum()) for mb in microbatches)], dtype=torch.int64,
                          device=ctx.device)
     ctx.dp_group.all_reduce(local)
     return float(local.item())
