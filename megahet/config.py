@@ -183,6 +183,8 @@ class HeteroConfig:
     backend: Optional[str] = _f(None, "Backend of every rank when no cluster is given (default: best available).")
     straggler_threshold: float = _f(1.5, "Report a rank whose compute time exceeds this multiple of the median.")
     rebalance: bool = _f(False, "Move micro-batches between data-parallel replicas when their measured speeds drift.")
+    elastic: bool = _f(False, "Run on the cluster groups still present (a rank's group: $MEGAHET_DEVICE_GROUP), "
+                              "re-planned when some were lost; resume from --load.")
 
 
 @dataclass

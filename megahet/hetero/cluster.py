@@ -5,7 +5,7 @@ module only turns it into per-rank backend assignments for the ParallelContext.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
 import yaml
@@ -58,6 +58,11 @@ class ClusterSpec:
     @property
     def world_size(self) -> int:
         return sum(g.devices for g in self.groups)
+
+    def to_dict(self) -> dict:
+        """The spec as `parse_cluster` reads it (checkpoints record the cluster a job ran on)."""
+        groups = [{k: v for k, v in asdict(g).items() if v is not None} for g in self.groups]
+        return {"groups": groups, "links": dict(self.links)} if self.links else {"groups": groups}
 
     def rank_specs(self) -> List[RankSpec]:
         """Backend of every global rank, in the order the groups are listed."""

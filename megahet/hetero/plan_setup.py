@@ -8,7 +8,7 @@ them (model builder, schedule choice, checkpoint metadata) agrees with the plan.
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from megahet.config import MegahetConfig, validate_world
 from megahet.errors import MegahetError
@@ -19,18 +19,23 @@ from megahet.parallel.pipeline import virtual_stages
 from megahet.parallel.pipeline_layout import layers_per_stage
 
 
-def build_plan(cfg: MegahetConfig, world_size: int) -> Tuple[Plan, ClusterSpec, List[List[List[int]]]]:
-    """(plan, cluster, rank assignment) for this job; raises MegahetError with a one-line fix."""
+def build_plan(cfg: MegahetConfig, world_size: int,
+               cluster: Optional[ClusterSpec] = None) -> Tuple[Plan, ClusterSpec, List[List[List[int]]]]:
+    """(plan, cluster, rank assignment) for this job; raises MegahetError with a one-line fix.
+
+    `cluster`: the spec to run on instead of --cluster's (--elastic: the groups still present).
+    """
     p, t, m = cfg.parallel, cfg.train, cfg.model
-    if cfg.hetero.cluster:
+    planned_cluster = cluster is not None or bool(cfg.hetero.cluster)
+    if cluster is None and cfg.hetero.cluster:
         cluster = load_cluster(cfg.hetero.cluster)
-    else:
+    elif cluster is None:
         from megahet.device import default_backend_name
         cluster = single_group_cluster(world_size, cfg.hetero.backend or default_backend_name())
     if cfg.hetero.plan:
         plan = load_plan(cfg.hetero.plan)
         apply_plan_to_config(cfg, plan)
-    elif cfg.hetero.cluster and not layout_flags_given(cfg):
+    elif planned_cluster and not layout_flags_given(cfg):
         # --cluster without --plan or layout flags: the planner chooses (every local rank gets the same plan
         # from the same cached profile; see hetero/autoplan.py).
         plan = choose_plan(cfg, cluster)

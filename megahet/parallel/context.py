@@ -194,13 +194,34 @@ def _restart_store(rank: int, world_size: int, timeout: datetime.timedelta):
     return dist.PrefixStore(f"megahet/attempt_{restart}", store)
 
 
+def rendezvous_store(rank: int, world_size: int, timeout_s: float):
+    """A store every rank of this job (this torchrun attempt) shares, before the process groups exist.
+
+    Why: --elastic ranks agree on which device groups survived before the plan (and so the process
+    groups) can be built. Under torchrun it is the agent's store (keys prefixed by the attempt, as in
+    `_restart_store`); otherwise rank 0 serves one at MASTER_ADDR:MASTER_PORT (as env:// would).
+    Pass it on to `build_parallel_context(store=...)`, which initialises torch.distributed with it.
+    """
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = _restart_store(rank, world_size, timeout)
+    if store is not None:
+        return store
+    try:
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    except (KeyError, ValueError):
+        raise MegahetError("--elastic with several ranks needs the torchrun environment (MASTER_ADDR, MASTER_PORT); "
+                           "launch with torchrun") from None
+    return dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
+
+
 def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
                            rank_specs: Optional[Sequence[RankSpec]] = None,
                            backend_name: Optional[str] = None,
                            timeout_s: float = 600.0,
                            plan: Optional[Plan] = None,
                            assignment: Optional[List[List[List[int]]]] = None,
-                           link_throttle: Optional[Sequence[Sequence[object]]] = None) -> ParallelContext:
+                           link_throttle: Optional[Sequence[Sequence[object]]] = None,
+                           store=None) -> ParallelContext:
     """Initialise torch.distributed from the torchrun environment (if not yet) and build the groups.
 
     Args:
@@ -214,6 +235,8 @@ def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
         link_throttle: table[src][dst] of link_throttle.LinkThrottle (or None) between global ranks on
             different simulated sites (link_throttle.site_throttles); pipeline messages and the
             hierarchical reductions' cross-domain exchange then take the link's time.
+        store: the rendezvous store to initialise torch.distributed with (`rendezvous_store`);
+            default: torchrun's (or env://).
     """
     world_size = dist.get_world_size() if dist.is_initialized() else _env_int("WORLD_SIZE", 1)
     rank = dist.get_rank() if dist.is_initialized() else _env_int("RANK", 0)
@@ -255,7 +278,7 @@ def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
         # Mixed domains talk through gloo only; one native domain also gets gloo for host tensors.
         pg_backend = "gloo" if (lib == "gloo" or len(set(domains)) > 1) else f"cpu:gloo,{backend.device_type}:{lib}"
         dist.init_process_group(backend=pg_backend, rank=rank, world_size=world_size, timeout=timeout,
-                                store=_restart_store(rank, world_size, timeout))
+                                store=store if store is not None else _restart_store(rank, world_size, timeout))
 
     counters = LinkCounters()
     throttle = SiteThrottle(rank, link_throttle) if link_throttle is not None and world_size > 1 else None

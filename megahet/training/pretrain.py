@@ -70,9 +70,20 @@ def build_context(cfg: MegahetConfig) -> ParallelContext:
     from megahet.hetero.plan_setup import build_plan
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     from megahet.parallel.link_throttle import cluster_throttles
-    plan, cluster, assignment = build_plan(cfg, world_size)
+    elastic = None
+    if cfg.hetero.elastic:  # the groups present, re-planned when some were lost (hetero/elastic.py)
+        from megahet.hetero.elastic import elastic_setup
+        elastic = elastic_setup(cfg, int(os.environ.get("RANK", "0")), world_size, cfg.parallel.distributed_timeout_s)
+    try:
+        plan, cluster, assignment = build_plan(cfg, world_size, elastic.cluster if elastic else None)
+    except MegahetError as exc:
+        if elastic is None or not elastic.lost:
+            raise
+        raise MegahetError(f"after losing {', '.join(elastic.lost)}, the {world_size} ranks left cannot run this job: "
+                           f"{exc}") from None
     ctx = build_parallel_context(rank_specs=cluster.rank_specs(), timeout_s=cfg.parallel.distributed_timeout_s,
-                                 plan=plan, assignment=assignment, link_throttle=cluster_throttles(cluster))
+                                 plan=plan, assignment=assignment, link_throttle=cluster_throttles(cluster),
+                                 store=elastic.store if elastic else None)
     ctx.cluster = cluster
     return ctx
 
@@ -240,15 +251,18 @@ def exit_requested(cfg: MegahetConfig, ctx: ParallelContext, state: TrainState, 
     return bool(flag.item())
 
 
-def _meta(cfg: MegahetConfig, state: TrainState, scheduler, scaler) -> dict:
+def _meta(cfg: MegahetConfig, ctx: ParallelContext, state: TrainState, scheduler, scaler) -> dict:
+    """Checkpoint metadata: the data position, schedules, config, and the plan and cluster spec the job ran
+    on (--elastic restarts read them when groups are lost)."""
     return {"consumed_samples": state.consumed_samples, "skipped_total": state.skipped_total,
             "scheduler": scheduler.state_dict(), "loss_scaler": scaler.state_dict(),
-            "config": cfg.to_dict()}
+            "config": cfg.to_dict(), "plan": ctx.plan.to_dict() if ctx.plan is not None else None,
+            "cluster": ctx.cluster.to_dict() if ctx.cluster is not None else None}
 
 
 def save(cfg, ctx, chunks, optimizer, scheduler, scaler, state: TrainState, vocab_size: int, saver=None) -> None:
     """Save now (synchronously), or hand the save to the background `saver` (--async-save)."""
-    meta = _meta(cfg, state, scheduler, scaler)
+    meta = _meta(cfg, ctx, state, scheduler, scaler)
     if saver is not None:
         saver.save(cfg.checkpoint.save, state.iteration, chunks, optimizer, meta=meta, keep_last=cfg.checkpoint.keep_last)
         return
