@@ -74,6 +74,17 @@ def _parse(h: torch.Tensor):
     return tuple(int(v) for v in h[2:2 + ndim]), _DTYPES[int(h[1])]
 
 
+def header_tag(tag: int) -> int:
+    """Wire tag of a schedule message's shape header. Wire tags are 4 x the schedule's tag + kind:
+    0 header, 1 data, 2 the link throttle's stamp of that data (link_throttle.stamp_tag)."""
+    return 4 * tag
+
+
+def data_tag(tag: int) -> int:
+    """Wire tag of a schedule message's data (see `header_tag`)."""
+    return 4 * tag + 1
+
+
 class StageP2P:
     """P2P between this rank's pipeline stage and a neighbouring stage, re-slicing across TP degrees.
 
@@ -122,14 +133,14 @@ class StageP2P:
         header_sends, data_sends = [], []
         for tensor, peer, tag in sends:
             for piece, rank in self._pieces(tensor, peer):
-                header_sends.append(Send(_header(piece), rank, 2 * tag))
-                data_sends.append(Send(piece, rank, 2 * tag + 1))
+                header_sends.append(Send(_header(piece), rank, header_tag(tag)))
+                data_sends.append(Send(piece, rank, data_tag(tag)))
         sources = [(self._sources(peer), tag) for peer, tag in recvs]
         header_handle, _ = self.links.post_host(header_sends, [])
-        headers = self.links.exchange_host([], [Recv((_HEADER,), torch.int64, r, 2 * tag)
+        headers = self.links.exchange_host([], [Recv((_HEADER,), torch.int64, r, header_tag(tag))
                                                 for srcs, tag in sources for r in srcs])
         metas = iter(_parse(h) for h in headers)
-        data_recvs = [Recv(*next(metas), r, 2 * tag + 1) for srcs, tag in sources for r in srcs]
+        data_recvs = [Recv(*next(metas), r, data_tag(tag)) for srcs, tag in sources for r in srcs]
         pieces = iter(self.links.exchange(data_sends, data_recvs))
         header_handle.wait()  # taken by now: every receiver read our header before our data
         out = []

@@ -21,7 +21,11 @@ import torch.distributed as dist
 
 from megahet.errors import MegahetError
 
-_STAMP_TAG = 1 << 20  # stamps travel beside their message, on a tag no data message uses
+def stamp_tag(tag: int) -> int:
+    """Tag of the stamp that travels beside a message with `tag`. Data tags on a bridged group are
+    1 mod 4 (pipeline data, boundary.data_tag) or 0 (gradient and shard exchanges), headers 0 mod 4,
+    so tag + 2 (2 or 3 mod 4) never meets another message and stays within 31 bits."""
+    return tag + 2
 
 
 @dataclass(frozen=True)
@@ -109,12 +113,12 @@ class SiteThrottle:
         for peer, _, tag in sends:
             if self.link(self.rank, peer) is not None:
                 stamp = torch.tensor([now], dtype=torch.float64)  # [1] sender's post time
-                works.append((dist.isend(stamp, dst=peer, group=pg, tag=_STAMP_TAG + tag), stamp))
+                works.append((dist.isend(stamp, dst=peer, group=pg, tag=stamp_tag(tag)), stamp))
         for peer, nbytes, tag in recvs:
             link = self.link(peer, self.rank)
             if link is not None:
                 buf = torch.empty(1, dtype=torch.float64)  # [1] the sender's post time
-                works.append((dist.irecv(buf, src=peer, group=pg, tag=_STAMP_TAG + tag), buf))
+                works.append((dist.irecv(buf, src=peer, group=pg, tag=stamp_tag(tag)), buf))
                 got.append((peer, link, nbytes, buf))
         return _Receipt(self, works, got) if works else None
 

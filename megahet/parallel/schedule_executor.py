@@ -23,7 +23,7 @@ from megahet.parallel.schedules import Action, comm_batches
 __all__ = ["execute_schedule", "message_tag", "MAX_CHUNKS", "P2P"]
 
 MAX_CHUNKS = 1024
-_MAX_TAG = 2**31 - 1
+_MAX_TAG = (2**31 - 1) // 4  # wire tags are 4 x this + kind (boundary.header_tag): all fit in 31 bits
 
 
 class P2P(Protocol):

@@ -120,8 +120,15 @@ def test_message_tags_are_unique_per_link():
                 seen.add(key)
     assert message_tag("fwd", 0, 0) == 0 and message_tag("bwd", 0, 0) == 1
     assert message_tag("fwd", 3, 2) == (2 * 1024 + 3) * 2
+    # Wire tags (4 x tag + kind: header, data, the link throttle's stamp) stay within 31 bits.
+    from megahet.parallel.boundary import data_tag, header_tag
+    from megahet.parallel.link_throttle import stamp_tag
+    largest = message_tag("bwd", 1023, 2**18 - 1)
+    assert stamp_tag(data_tag(largest)) <= 2**31 - 1
+    wire = {header_tag(t) for t in range(64)} | {data_tag(t) for t in range(64)}
+    assert len(wire) == 128 and not wire & ({stamp_tag(data_tag(t)) for t in range(64)} | {stamp_tag(0)})
     with pytest.raises(MegahetError, match="31-bit message tag"):
-        message_tag("fwd", 0, 2**21)
+        message_tag("fwd", 0, 2**18)
 
 
 def test_executor_rejects_forward_before_receive():
