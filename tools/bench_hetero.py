@@ -37,7 +37,8 @@ from megahet.training.pretrain import pretrain
 
 MODEL = dict(num_layers=12, hidden_size=256, num_attention_heads=4, seq_length=128, mock_data=True, vocab_size=512,
              make_vocab_size_divisible_by=8, lr=1e-3, min_lr=1e-4, lr_warmup_iters=1, log_interval=1,
-             eval_interval=0, seed=3, distributed_timeout_s=120)
+             eval_interval=0, seed=3, distributed_timeout_s=120,
+             overlap_grad_reduce=True)  # data parallel: bucket reductions run while backward continues
 
 
 def _p2p(mb: int, reps: int):
