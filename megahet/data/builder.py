@@ -93,7 +93,8 @@ def _build_split(i, blend, split, num_samples, options, all_of=False):
                     for _, dataset, sequences in parts]
         lengths = [len(dataset) for dataset in datasets]
         size = None if num_samples is None else min(num_samples, sum(lengths))
-        return BlendedDataset(datasets, lengths if size is None else [float(n) for n in lengths], size)
+        return BlendedDataset(datasets, lengths if size is None else [float(n) for n in lengths], size,
+                              cache_dir=options["cache_dir"])
     if num_samples is None:
         raise MegahetError(f"the weighted --data-path blend needs a sample count for the {name} split")
     total = math.fsum(weights)
@@ -102,4 +103,4 @@ def _build_split(i, blend, split, num_samples, options, all_of=False):
     built = [int(math.ceil(n * (1 + MID_LEVEL_SURPLUS))) for n in target]
     datasets = [GPTDataset(dataset, sequences, num_samples=n, name=name, **options)
                 for n, (_, dataset, sequences) in zip(built, parts)]
-    return BlendedDataset(datasets, weights, sum(target))
+    return BlendedDataset(datasets, weights, sum(target), cache_dir=options["cache_dir"])

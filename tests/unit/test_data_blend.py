@@ -60,3 +60,21 @@ def test_build_blend_from_data_path(tmp_path):
     assert len(train) == 200 and len(valid) == 20
     source = [int(train[i]["tokens"][0]) for i in range(200)]
     assert source.count(0) == 150 and source.count(1) == 50
+
+
+def test_blend_index_is_cached_and_reused(tmp_path, monkeypatch):
+    """The blend's index is built once, written next to the sample indices, and read back identically."""
+    import megahet.data.blended_dataset as blended_module
+    prefixes = []
+    for d, name in enumerate("AB"):
+        builder = IndexedDatasetBuilder(str(tmp_path / name), vocab_size=3)
+        for _ in range(50):
+            builder.add_document([d] * 30)
+        prefixes.append(builder.finalize())
+    args = (["0.75", prefixes[0], "0.25", prefixes[1]], "90,10,0", 8, 1, (200, 20, 0), NullTokenizer(3))
+    first, _, _ = build_datasets(*args, cache_dir=str(tmp_path / "c"))
+    assert len(list((tmp_path / "c").glob("blend-*.json"))) == 2  # train and valid blends
+    monkeypatch.setattr(blended_module, "blending_indices", lambda *a: pytest.fail("rebuilt a cached blend"))
+    again, _, _ = build_datasets(*args, cache_dir=str(tmp_path / "c"))
+    assert np.array_equal(again.dataset_index, first.dataset_index)
+    assert np.array_equal(again.dataset_sample_index, first.dataset_sample_index)
