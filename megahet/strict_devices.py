@@ -21,13 +21,13 @@ import threading
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["enabled", "activate", "is_host_tensor", "ENV"]
+__all__ = ["enabled", "activate", "is_host_tensor", "mark_host", "ENV"]
 
 ENV = "MEGAHET_STRICT_DEVICES"
 _TAG = "_megahet_host"
 _FACTORIES = {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.empty, torch.full, torch.arange,
               torch.linspace, torch.randn, torch.rand, torch.randint, torch.eye}
-_TO_HOST = {torch.Tensor.cpu}  # (torch.from_numpy does not pass through torch-function modes)
+_TO_HOST = {torch.Tensor.cpu}  # (torch.from_numpy does not pass through torch-function modes: mark_host)
 _KEEP = {torch.cat, torch.stack, torch.Tensor.clone, torch.Tensor.float, torch.Tensor.double, torch.Tensor.long,
          torch.Tensor.int, torch.Tensor.contiguous, torch.Tensor.reshape, torch.Tensor.view, torch.Tensor.unsqueeze,
          torch.Tensor.flatten, torch.Tensor.__getitem__, torch.Tensor.movedim, torch.movedim}
@@ -42,6 +42,11 @@ def enabled() -> bool:
 def is_host_tensor(tensor: torch.Tensor) -> bool:
     """True for a tensor tagged as created on, or moved to, the host without naming the device."""
     return getattr(tensor, _TAG, False)
+
+
+def mark_host(tensor: torch.Tensor) -> torch.Tensor:
+    """Tag a host tensor made where the mode cannot see it (torch.from_numpy), in strict mode only."""
+    return _tag(tensor) if enabled() else tensor
 
 
 def _tag(out):

@@ -72,5 +72,7 @@ def collate(samples: list[dict]) -> dict:
 
     if not samples:
         raise MegahetError("cannot collate an empty list of samples; give every micro-batch at least one")
-    return {key: torch.from_numpy(np.stack([np.asarray(sample[key]) for sample in samples]))  # [b, s]
+    from megahet.strict_devices import mark_host  # batches are host tensors until moved to the device
+
+    return {key: mark_host(torch.from_numpy(np.stack([np.asarray(sample[key]) for sample in samples])))  # [b, s]
             for key in samples[0]}

@@ -58,3 +58,16 @@ def _host_all_reduce(world):
 def test_spawned_ranks_are_strict_too():
     results = run_distributed(_host_all_reduce, 2, 2, timeout=60)
     assert all("created on the host without device=" in r for r in results)
+
+
+def test_collated_batches_are_host_tensors_in_strict_mode(monkeypatch):
+    """Batches come from numpy (torch.from_numpy bypasses the tagging mode): collate marks them."""
+    import numpy as np
+    from megahet import strict_devices
+    from megahet.data.sampler import collate
+    samples = [{"tokens": np.arange(4), "loss_mask": np.ones(4, dtype=np.float32)}]
+    monkeypatch.setenv(strict_devices.ENV, "1")
+    batch = collate(samples)
+    assert strict_devices.is_host_tensor(batch["tokens"]) and strict_devices.is_host_tensor(batch["loss_mask"])
+    monkeypatch.setenv(strict_devices.ENV, "0")
+    assert not strict_devices.is_host_tensor(collate(samples)["tokens"])
