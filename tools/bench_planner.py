@@ -100,12 +100,16 @@ def published():
         res = plan_job(cfg, base, dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                        data_parallel_size=dp), measure=False)
         pred = f_tok * res.prediction.tokens_per_s / gpus / 1e12
-        bare = predict(res.plan, spec, cluster_groups(base), cm.Links.from_cluster(base.links),
+        no_rc = {k: v for k, v in res.plan.items() if k != "recompute_layers"}
+        bare = predict(no_rc, spec, cluster_groups(base), cm.Links.from_cluster(base.links),
                        Options(None, True, True))
         bare_tf = f_tok * bare.tokens_per_s / gpus / 1e12
         mem = max(s.memory.total for s in bare.stages) / cm.GB
         mbs = res.plan["pipelines"][0]["micro_batch_size"]
-        desc = f"({mbs}, {res.plan['virtual_stages']}, {res.options.recompute or 'none'})"
+        rc = res.options.recompute or "none"
+        if "recompute_layers" in res.plan:  # per stage: full recompute of each chunk's first N layers
+            rc = "block " + ",".join(map(str, res.plan["recompute_layers"]))
+        desc = f"({mbs}, {res.plan['virtual_stages']}, {rc})"
         print(f"{gpus:>6} {tp:>3} {pp:>3} {dp:>4} {desc:>26} {pred:>12.1f} {(pred / paper - 1) * 100:>+6.1f}% "
               f"{bare_tf:>24.1f} {(bare_tf / paper - 1) * 100:>+6.1f}% {mem:>13.0f} {paper:>6}")
     print()

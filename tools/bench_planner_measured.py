@@ -154,15 +154,50 @@ def autoplan_pipeline(iters: int, rounds: int = 2):
           f"speedup over the uniform split {med[names[1]] / med[names[2]]:.2f}x")
 
 
+def autoplan_dp(iters: int, rounds: int = 2, gbs: int = 48):
+    """`--cluster` with no layout flags on cpu(1)+sim(0.5), 8 layers: the planner's data-parallel plan
+    against the sum of each device training the same job alone (cpu alone, sim(0.5) alone), all three
+    measured in the same run, alternating, `rounds` times."""
+    os.environ["OMP_NUM_THREADS"] = "1"  # what run_case gives each rank: the same profile, the same plan
+    from megahet.hetero.autoplan import choose_plan
+    model = {"global_batch_size": gbs}
+    both = CPU_SIM
+    cpu = {"groups": [CPU_SIM["groups"][0]]}
+    sim = {"groups": [CPU_SIM["groups"][1]]}
+    cfg = build_config(overrides={**MODEL, **model, "mock_data": True, "train_iters": 10}, validate=False)
+    plan = choose_plan(cfg, parse_cluster(both))
+    runs = {"cpu alone": cpu, "sim(0.5) alone": sim, "auto-planned cpu + sim(0.5)": both}
+    tokens = {k: [] for k in runs}
+    for r in range(rounds):
+        for i, (name, cl) in enumerate(runs.items()):
+            step = run_case(cl, {}, model, iters, 29800 + 10 * r + i)
+            tokens[name].append(gbs * MODEL["seq_length"] / step)
+            print(f"  round {r + 1} {name:<28} {tokens[name][-1]:>8.0f} tokens/s", flush=True)
+    med = {k: statistics.median(v) for k, v in tokens.items()}
+    names = list(runs)
+    shape = " + ".join(f"{p.micro_batches} x {p.micro_batch_size} on {p.stages[0].group}" for p in plan.pipelines)
+    print(f"\ndata parallel, 8 layers, batch {gbs}, cpu(1)+sim(0.5): planner's plan {shape} "
+          f"(layers {plan.layers}); medians of {rounds} alternating runs")
+    for k in names:
+        print(f"  {k:<30} {med[k]:>8.0f} tokens/s")
+    print(f"  auto / (cpu alone + sim alone) = {med[names[2]] / (med[names[0]] + med[names[1]]):.3f} "
+          f"(target >= 0.975)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=6)
     ap.add_argument("--only", default=None, help="comma-separated case names")
-    ap.add_argument("--autoplan", action="store_true", help="only the auto-plan quality measurement")
+    ap.add_argument("--autoplan", action="store_true", help="only the auto-plan quality measurement (pipeline)")
+    ap.add_argument("--autoplan-dp", action="store_true", help="only the auto-plan quality measurement (data "
+                    "parallel vs each device alone)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of the auto-plan measurement")
     args = ap.parse_args()
     if args.autoplan:
         autoplan_pipeline(args.iters, args.rounds)
+        return
+    if args.autoplan_dp:
+        autoplan_dp(args.iters, args.rounds)
         return
     names = args.only.split(",") if args.only else list(CASES)
     links_prof = measure_links()

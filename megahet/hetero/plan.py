@@ -14,6 +14,7 @@ ever sees a Plan. The YAML format is documented in the README ("Writing a plan")
         stages:
           - {group: fast, tensor_parallel: 2}     # or ranks: [0, 1]
           - {group: slow, tensor_parallel: 1}
+    recompute_layers: [2, 0]    # optional, per stage: full recompute of each chunk's first N layers
     predicted: {step_time_s: 1.9}
 
 Ranks are taken, for each pipeline and each stage in order, as the next `tensor_parallel` unused
@@ -31,7 +32,7 @@ from megahet.errors import MegahetError
 __all__ = ["StagePlan", "PipelinePlan", "Plan", "even_layers", "load_plan", "rank_domains", "group_domain",
            "single_group_cluster"]
 
-_PLAN_KEYS = {"layers", "virtual_stages", "expert_parallel", "pipelines", "predicted"}
+_PLAN_KEYS = {"layers", "virtual_stages", "expert_parallel", "pipelines", "predicted", "recompute_layers"}
 _PIPELINE_KEYS = {"micro_batch_size", "micro_batches", "stages"}
 _STAGE_KEYS = {"group", "tensor_parallel", "ranks"}
 
@@ -75,6 +76,9 @@ class Plan:
     virtual_stages: int = 1
     expert_parallel: int = 1
     predicted: Dict = field(default_factory=dict)
+    # Per stage: full recompute of the first N layers of each of its chunks (the planner's per-stage
+    # recompute; Megatron's block method with a count per stage). None: the recompute flags apply.
+    recompute_layers: Optional[List[int]] = None
 
     # ---- shape ---------------------------------------------------------------------------
     @property
@@ -179,10 +183,16 @@ class Plan:
         predicted = raw.get("predicted") or {}
         if not isinstance(predicted, dict):
             raise MegahetError(f"{source}: 'predicted' must be a mapping such as {{step_time_s: 1.9}}")
+        recompute = raw.get("recompute_layers")
+        if recompute is not None:
+            if not isinstance(recompute, list) or len(recompute) != len(layers):
+                raise MegahetError(f"{source}: 'recompute_layers' must list one count per stage ({len(layers)}), "
+                                   f"e.g. {[0] * len(layers)}")
+            recompute = [_int(v, f"{source}: recompute_layers[{i}]", minimum=0) for i, v in enumerate(recompute)]
         return cls(layers, pipelines,
                    _int(raw.get("virtual_stages", 1), f"{source}: virtual_stages", minimum=1),
                    _int(raw.get("expert_parallel", 1), f"{source}: expert_parallel", minimum=1),
-                   dict(predicted))
+                   dict(predicted), recompute)
 
     @classmethod
     def from_yaml(cls, path_or_text: str) -> "Plan":
@@ -205,6 +215,8 @@ class Plan:
     def to_dict(self) -> dict:
         d: dict = {"layers": list(self.layers), "virtual_stages": self.virtual_stages,
                    "expert_parallel": self.expert_parallel, "pipelines": [p.to_dict() for p in self.pipelines]}
+        if self.recompute_layers is not None:
+            d["recompute_layers"] = list(self.recompute_layers)
         if self.predicted:
             d["predicted"] = dict(self.predicted)
         return d

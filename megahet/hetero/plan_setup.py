@@ -66,8 +66,11 @@ def _validate(plan: Plan, cfg: MegahetConfig, cluster, world_size: int):
 
 
 def apply_plan_to_config(cfg: MegahetConfig, plan: Plan) -> None:
-    """Make the config's pipeline fields describe the plan (its stages and layer split)."""
+    """Make the config's pipeline fields describe the plan (its stages and layer split, and its
+    per-stage recompute: full, block method, the counts read from the plan by the model builder)."""
     p, m = cfg.parallel, cfg.model
+    if plan.recompute_layers is not None:
+        cfg.train.recompute_granularity, cfg.train.recompute_method = "full", "block"
     p.pipeline_model_parallel_size = plan.num_stages
     p.pipeline_layers = list(plan.layers) if plan.num_stages > 1 else None
     p.expert_model_parallel_size = plan.expert_parallel

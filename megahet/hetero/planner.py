@@ -56,6 +56,7 @@ class Settings:
     distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     use_all_devices: bool = True   # a runnable plan gives every rank of the cluster spec a stage
+    per_stage_recompute: bool = True  # full recompute only of the layers each stage needs to fit
 
 
 @dataclass
@@ -465,6 +466,8 @@ def search(spec: cm.ModelSpec, groups: Dict[str, cm.GroupSpec], links: cm.Links,
                 continue
             pred = predict(plan, spec, groups, links, options(cand))
             simulated += 1
+            if settings.per_stage_recompute and cand.recompute == "full" and pred.feasible and not c.pipeline_layers:
+                plan, pred = _refine_recompute(plan, pred, cand, costs, spec, groups, links, options(cand), settings)
             if not pred.feasible:
                 if least_bad is None or sum(pred.overflow.values()) < least_bad[0]:
                     least_bad = (sum(pred.overflow.values()), pred.overflow, cand)
@@ -485,6 +488,92 @@ def search(spec: cm.ModelSpec, groups: Dict[str, cm.GroupSpec], links: cm.Links,
         res.why_runner_up_lost = why_lost(pred, other[2], other[3], other[1])
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def per_stage_recompute(plan: dict, spec: cm.ModelSpec, groups: Dict[str, cm.GroupSpec], links: cm.Links,
+                        opts: Options, rounds: int = 4) -> Optional[Tuple[dict, Prediction]]:
+    """The plan with `recompute_layers`: per stage, the fewest of each chunk's first layers recomputed
+    in full (Megatron's block method) that keep the stage within its devices' memory. Early stages
+    hold more micro-batches in flight, so they recompute more than late ones. None when every stage
+    needs all its layers recomputed anyway, or nothing fits.
+
+    A stage's memory depends only on its own count (activations in flight x bytes per micro-batch),
+    and falls linearly with it, so two predictions (none, all) give each stage's count; the result is
+    checked and stages still over their memory get one layer more, up to `rounds` times.
+    """
+    p, v = len(plan["layers"]), int(plan.get("virtual_stages", 1) or 1)
+    most = max(-(-n // v) for n in plan["layers"])  # the longest chunk
+    if most == 0:
+        return None
+
+    def stage_memory(blocks):
+        pred = predict({**plan, "recompute_layers": blocks}, spec, groups, links, opts)
+        return pred, [(s.memory.total, groups[s.group].memory_bytes) for s in pred.stages]
+
+    _, none = stage_memory([0] * p)
+    _, full = stage_memory([most] * p)
+    blocks = []
+    for (m0, cap), (m1, _) in zip(none, full):
+        if m0 <= cap:
+            blocks.append(0)
+        elif m1 >= m0 or m1 > cap:
+            blocks.append(most)
+        else:
+            blocks.append(min(most, max(1, math.ceil((m0 - cap) / ((m0 - m1) / most)))))
+    if all(b == most for b in blocks):
+        return None
+    for _ in range(rounds):
+        pred, mem = stage_memory(blocks)
+        over = [k for k, (m, cap) in enumerate(mem) if m > cap and blocks[k] < most]
+        if not over and pred.feasible:
+            return {**plan, "recompute_layers": blocks}, pred
+        if not over:
+            return None
+        for k in over:
+            blocks[k] += 1
+    return None
+
+
+def _refine_recompute(plan, pred, cand: Candidate, costs: _Costs, spec, groups, links, opts: Options,
+                      settings: Settings, rounds: int = 2):
+    """Per-stage recompute for a full-recompute plan, then layers re-balanced for what each stage now
+    costs (a stage that recomputes more gets fewer layers) and the counts chosen again; the fastest
+    plan seen is kept."""
+    best = (plan, pred)
+    ref_groups, _ = max(cand.types, key=lambda x: x[1])
+    p, v = cand.p, int(plan.get("virtual_stages", 1) or 1)
+    base = [costs.layer(g, cand.mbs, t, cand.ep, None) for g, t in zip(ref_groups, cand.tps)]
+    full = [costs.layer(g, cand.mbs, t, cand.ep, "full") for g, t in zip(ref_groups, cand.tps)]
+    extra = [0.0] * p
+    extra[0] += base[0][3][0]
+    extra[-1] += base[-1][3][2]
+    current = plan
+    for _ in range(rounds):
+        refined = per_stage_recompute(current, spec, groups, links, opts)
+        if refined is None:
+            break
+        if refined[1].step_time_s < best[1].step_time_s:
+            best = refined
+        blocks = refined[0]["recompute_layers"]
+        if p == 1:
+            break
+
+        def stage_time(j, a, b, blocks=blocks):
+            n = b - a
+            return n * base[j][0] + min(blocks[j] * v, n) * (full[j][0] - base[j][0]) + extra[j]
+        if p * spec.num_layers ** 2 <= settings.exact_partition_limit and v == 1:
+            layers = _partition_exact(stage_time, p, spec.num_layers)
+        else:  # at scale: balance on the per-layer cost the counts give on average per stage
+            per = [base[j][0] + min(1.0, blocks[j] * v / max(plan["layers"][j], 1)) * (full[j][0] - base[j][0])
+                   for j in range(p)]
+            layers = _balance(per, extra, spec.num_layers)
+            if v > 1:
+                layers = _round_to_chunks(layers, v, per, extra)
+        if layers == current["layers"]:
+            break
+        current = {k: x for k, x in plan.items() if k != "recompute_layers"}
+        current["layers"] = layers
+    return best
 
 
 def _predicted_block(pred: Prediction, cand: Candidate) -> dict:

@@ -82,8 +82,12 @@ def predict(plan: dict, spec: cm.ModelSpec, groups: Dict[str, cm.GroupSpec], lin
     for pipe in pipes:
         distinct.setdefault(_pipeline_key(pipe), pipe)
     results: Dict[tuple, Tuple[PipelineResult, List[StageCost]]] = {}
+    blocks = plan.get("recompute_layers")  # per-stage recompute: full-recompute layers per chunk
+    if blocks is not None and len(blocks) != p:
+        raise MegahetError(f"plan recompute_layers lists {len(blocks)} stages but 'layers' lists {p}")
     for key, pipe in distinct.items():
-        results[key] = _simulate(pipe, ranges, spec, groups, links, options, ep, dp, expert_dp, keep_timeline)
+        results[key] = _simulate(pipe, ranges, spec, groups, links, options, ep, dp, expert_dp, keep_timeline,
+                                 blocks)
     slow_key = max(results, key=lambda k: results[k][0].time)
     slow, slow_stages = results[slow_key]
     # Data-parallel reduction per stage, over that stage's ranks in every pipeline.
@@ -133,24 +137,33 @@ def _model_flops_per_token(spec: cm.ModelSpec) -> float:
     return 3.0 * (layers + cm.head_flops(spec))
 
 
-def _chunk_cost(spec, group, links, layer_ids, first, last, mbs, tp, ep, recompute) -> Tuple[float, float, float]:
-    """(fwd s, bwd s, activation bytes held per micro-batch) of one model chunk on one rank."""
+def _chunk_cost(spec, group, links, layer_ids, first, last, mbs, tp, ep, recompute,
+                block: Optional[int] = None) -> Tuple[float, float, float]:
+    """(fwd s, bwd s, activation bytes held per micro-batch) of one model chunk on one rank.
+
+    block: with per-stage recompute, the number of this chunk's first layers recomputed in full.
+    """
     fwd = bwd = 0.0
     act = 0.0
     tokens = mbs * spec.seq
     n_moe = sum(1 for i in layer_ids if spec.is_moe(i))
-    n_dense = len(layer_ids) - n_moe
-    for kind, n in (("dense", n_dense), ("moe", n_moe)):
-        if not n:
-            continue
+    counts: Dict[Tuple[str, Optional[str]], int] = {}
+    for j, i in enumerate(layer_ids):
+        if block is None:
+            rc = recompute
+        else:
+            rc = "full" if j < block else (None if recompute == "full" else recompute)
+        key = ("moe" if spec.is_moe(i) else "dense", rc)
+        counts[key] = counts.get(key, 0) + 1
+    for (kind, rc), n in counts.items():
         t = cm.compute_time(group, spec, kind, mbs, tp)
         fwd += n * t.fwd
         bwd += n * t.bwd
-        if recompute == "full":
+        if rc == "full":
             bwd += n * t.fwd
-        elif recompute == "selective":
+        elif rc == "selective":
             bwd += n * t.fwd * 0.1  # attention core only
-        act += n * tokens * _act_per_token(spec, group, kind, tp, recompute)
+        act += n * tokens * _act_per_token(spec, group, kind, tp, rc)
     if first:
         t = cm.compute_time(group, spec, "embed", mbs, tp)
         fwd, bwd = fwd + t.fwd, bwd + t.bwd
@@ -182,7 +195,7 @@ def _head_per_token(spec, group, tp) -> float:
     return cm.head_bytes_per_token(spec, tp)
 
 
-def _simulate(pipe, ranges, spec, groups, links, options, ep, dp, expert_dp, keep_timeline):
+def _simulate(pipe, ranges, spec, groups, links, options, ep, dp, expert_dp, keep_timeline, blocks=None):
     p, v = len(ranges), len(ranges[0])
     mbs, m = pipe["micro_batch_size"], pipe["micro_batches"]
     fwd_t = [[0.0] * v for _ in range(p)]
@@ -193,7 +206,7 @@ def _simulate(pipe, ranges, spec, groups, links, options, ep, dp, expert_dp, kee
         for c, rng in enumerate(ranges[r]):
             first, last = r == 0 and c == 0, r == p - 1 and c == v - 1
             fwd_t[r][c], bwd_t[r][c], acts[r][c] = _chunk_cost(spec, g, links, list(rng), first, last, mbs, tp, ep,
-                                                               options.recompute)
+                                                               options.recompute, None if blocks is None else blocks[r])
     sgroups = [groups[s["group"]] for s in pipe["stages"]]
     tps = [int(s["tensor_parallel"]) for s in pipe["stages"]]
     same_node = sum(tps) <= min(g.devices_per_node for g in sgroups) and len({g.name for g in sgroups}) == 1
@@ -217,7 +230,8 @@ def _simulate(pipe, ranges, spec, groups, links, options, ep, dp, expert_dp, kee
         count = cm.stage_params(spec, layer_ids, tp, ep, r == 0, r == p - 1, p)
         mem = cm.state_bytes(spec, count, dp, expert_dp, options.distributed_optimizer)
         mem.activations = inflight_peak(actions[r], acts[r]) if m > 0 else 0.0
-        if options.recompute == "full" and layer_ids:
+        recomputes = (blocks[r] > 0) if blocks is not None else options.recompute == "full"
+        if recomputes and layer_ids:
             # Backward of a recomputed layer rebuilds its full activations for one micro-batch.
             moe = any(spec.is_moe(i) for i in layer_ids)
             mem.activations += mbs * spec.seq * _act_per_token(spec, g, "moe" if moe else "dense", tp, None)

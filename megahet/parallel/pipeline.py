@@ -47,15 +47,18 @@ def stage_layer_ranges(cfg: MegahetConfig, pp_rank: int) -> List[range]:
     return layers_per_stage(cfg.model.num_layers, p.pipeline_model_parallel_size, vpp, p.pipeline_layers)[pp_rank]
 
 
-def recompute_units(cfg: MegahetConfig, ranges: Sequence[range]) -> List[List[int]]:
+def recompute_units(cfg: MegahetConfig, ranges: Sequence[range], block: Optional[int] = None) -> List[List[int]]:
     """Groups of consecutive layers recomputed together under --recompute-granularity full (Megatron).
 
     uniform: each chunk's layers in units of --recompute-num-layers (only each unit's input is kept);
     block: the first --recompute-num-layers layers of each chunk, one layer per unit, the rest not at all.
+    `block` (a plan's per-stage recompute count for this stage) replaces --recompute-num-layers there.
     """
     t = cfg.train
     if t.recompute_granularity != "full":
         return []
+    if block is not None:
+        return [[i] for r in ranges for i in list(r)[:block]]
     n = max(1, t.recompute_num_layers)
     units: List[List[int]] = []
     for r in ranges:

@@ -38,7 +38,9 @@ def build_model_chunks(cfg: MegahetConfig, ctx: ParallelContext, vocab_size: int
                        moe_tracker=None) -> List[GPTModel]:
     """One GPTModel per model chunk this pipeline rank holds (several with the interleaved schedule)."""
     ranges = stage_layer_ranges(cfg, ctx.pp_rank)
-    units = recompute_units(cfg, ranges)
+    plan = ctx.plan
+    block = plan.recompute_layers[ctx.pp_rank] if plan is not None and plan.recompute_layers is not None else None
+    units = recompute_units(cfg, ranges, block)  # a plan's per-stage recompute counts win over the flags
     chunks = []
     for c, layers in enumerate(ranges):
         chunks.append(GPTModel(
