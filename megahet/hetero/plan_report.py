@@ -77,7 +77,10 @@ def to_text(res: Result) -> str:
     lines.append(f"predicted step time {pred.step_time_s:.4g} s (pipeline {pred.pipeline_time_s:.4g} s, bubble "
                  f"{pred.bubble * 100:.1f}%, exposed gradient reduction {pred.dp_exposed_s:.3g} s, optimizer "
                  f"{pred.optimizer_s:.3g} s); {pred.tokens_per_s:,.0f} tokens/s; MFU {pred.mfu * 100:.1f}%")
-    if res.options.recompute:
+    if plan.get("recompute_layers") is not None:
+        lines.append(f"per-stage recompute: full recompute of the first {plan['recompute_layers']} layers of each "
+                     f"chunk of each stage (carried by the plan file; --plan applies it)")
+    elif res.options.recompute:
         lines.append(f"train with --recompute-granularity {res.options.recompute}")
     if res.why_runner_up_lost:
         lines.append(res.why_runner_up_lost)
