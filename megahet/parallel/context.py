@@ -29,6 +29,7 @@ from megahet.device import Backend, default_backend_name, get_backend
 from megahet.errors import MegahetError
 from megahet.parallel.comm import CommGroup, make_group
 from megahet.parallel.hierarchical import HierarchicalGroup
+from megahet.parallel.heartbeat import Progress, beat_interval, heartbeat_store
 from megahet.parallel.link_throttle import SiteThrottle
 from megahet.parallel.links import LinkCounters, Links
 
@@ -78,6 +79,7 @@ class ParallelContext:
     assignment: List[List[List[int]]] = field(default_factory=list)  # [pipeline][stage] -> global ranks
     links: Optional[Links] = None
     counters: LinkCounters = field(default_factory=LinkCounters)
+    progress: Optional[Progress] = None  # step + collective counts, published on a heartbeat (timeout errors)
     cluster: Optional[object] = None  # the ClusterSpec the plan runs on (for logs)
 
     @property
@@ -315,6 +317,16 @@ def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
         tp_group=mine["tp"], pp_group=mine.get("pp"), dp_group=mine["dp"], ep_group=mine["ep"],
         expert_dp_group=mine["expert_dp"], embedding_group=mine["embedding"],
         world_group=world, rank_domains=domains, plan=plan, assignment=assignment, links=links, counters=counters)
+    # Timeout errors name the ranks that never arrived: every group counts its calls, a thread publishes.
+    progress = Progress(rank, heartbeat_store(rank, timeout_s) if world_size > 1 else None,
+                        beat_interval(timeout_s, world_size))
+    for group in [*mine.values(), world]:
+        group.progress = progress
+        if isinstance(group, HierarchicalGroup):
+            group.sub.progress = progress
+    links.progress = progress
+    progress.start()
+    ctx.progress = progress
     log.debug("built %s", ctx.describe())
     return ctx
 

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megahet.parallel import bridge, wait_clock
+from megahet.parallel.collective_errors import named_failures
 from megahet.parallel.comm import CommGroup, Work
 from megahet.parallel.links import LinkCounters
 
@@ -39,6 +40,7 @@ def _overlap(a: Tuple[int, int], b: Tuple[int, int]) -> Tuple[int, int]:
     return (lo, hi) if lo < hi else (0, 0)
 
 
+@named_failures  # its own collectives (and their raw point-to-point waits): one-line errors naming the laggards
 class HierarchicalGroup(CommGroup):
     """A CommGroup over several domains whose reductions are hierarchical (see the module docstring).
 

@@ -19,6 +19,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from megahet.parallel.collective_errors import wait_all
+
 
 
 @dataclass
@@ -79,6 +81,7 @@ class Links:
         self.rank, self.domains, self.device = my_rank, list(domains), device
         self.throttle = throttle
         self.counters = counters if counters is not None else LinkCounters()
+        self.progress = None  # heartbeat.Progress (set by the context): names hung peers in errors
         self.world_size = len(self.domains)
         order = list(dict.fromkeys(self.domains))  # domains in first-rank order: the same on every rank
         self.multi_domain = len(order) > 1
@@ -148,7 +151,9 @@ class Links:
         receipt = self.throttle.post(self._bridge_pg, [(s.dst, 0, s.tag) for s in sends],
                                      [(r.src, b.numel() * b.element_size(), r.tag) for r, b in zip(recvs, outs)]
                                      ) if self.throttle is not None else None
-        return _Handle(works, keep, receipt), outs
+        peers = sorted({s.dst for s in sends} | {r.src for r in recvs})
+        return _Handle(works, keep, receipt, f"rank {self.rank}: point-to-point exchange with ranks {peers}",
+                       self.progress, peers), outs
 
     def post_host(self, sends: Sequence[Send], recvs: Sequence[Recv]):
         """Small host-tensor messages (pipeline shape headers) over gloo, never through a device
@@ -158,7 +163,9 @@ class Links:
         works = [dist.isend(s.tensor.cpu(), dst=s.dst, group=pg, tag=s.tag) for s in sends]
         outs = [torch.empty(r.shape, dtype=r.dtype, device="cpu") for r in recvs]
         works += [dist.irecv(b, src=r.src, group=pg, tag=r.tag) for b, r in zip(outs, recvs)]
-        return _Handle(works, [s.tensor for s in sends]), outs
+        peers = sorted({s.dst for s in sends} | {r.src for r in recvs})
+        return _Handle(works, [s.tensor for s in sends], None, f"rank {self.rank}: point-to-point header exchange "
+                       f"with ranks {peers}", self.progress, peers), outs
 
     def exchange_host(self, sends: Sequence[Send], recvs: Sequence[Recv]) -> List[torch.Tensor]:
         """`post_host` and wait: the received host tensors."""
@@ -191,14 +198,15 @@ class Links:
 
 
 class _Handle:
-    """Works of one post; keeps the staged send buffers alive until they complete."""
+    """Works of one post; keeps the staged send buffers alive until they complete. A hung or dead peer
+    makes `wait` raise the one-line error naming `what` and the peers' states (collective_errors)."""
 
-    def __init__(self, works, keep, receipt=None):
+    def __init__(self, works, keep, receipt=None, what: str = "point-to-point exchange", progress=None, peers=()):
         self._works, self._keep, self._receipt = works, keep, receipt
+        self._what, self._progress, self._peers = what, progress, list(peers)
 
     def wait(self):
-        for w in self._works:
-            w.wait()
+        wait_all(self._works, self._what, self._progress, self._peers)
         if self._receipt is not None:  # simulated sites: wait out the link's time
             self._receipt.finish()
         self._works, self._keep, self._receipt = [], None, None

@@ -139,6 +139,8 @@ def pretrain(cfg: MegahetConfig) -> dict:
         while state.iteration < iters:
             if saver is not None:
                 saver.poll()  # publish a background save once every rank has written it
+            if ctx.progress is not None:
+                ctx.progress.step = state.iteration + 1  # named by other ranks' timeout errors if this one hangs
             mbs = replica_microbatches(data.train, state.consumed_samples, t.global_batch_size, dp_sizes,
                                        ctx.dp_rank, mine.micro_batch_size)
             last_step = state.iteration + 1 == iters
@@ -194,6 +196,8 @@ def pretrain(cfg: MegahetConfig) -> dict:
             saver.wait()  # exit only once the last checkpoint is published
     finally:
         logger.close()
+        if ctx.progress is not None:
+            ctx.progress.stop()  # no heartbeat after training (the store may close with rank 0)
     return last
 
 

@@ -75,16 +75,57 @@ def train_without_pickle(over: dict):
     return train(over)
 
 
-def hang_in_all_reduce():
-    """Rank 1 hangs (never joins the all-reduce); rank 0 must fail with a one-line error, not wait forever."""
+def hang_in_all_reduce(stop_peer: bool = False):
+    """Rank 1 hangs after one all-reduce (sleeping, or SIGSTOPped by rank 0 when `stop_peer`); rank 0's
+    next all-reduce must fail with a one-line error naming rank 1 and where it is, not wait forever."""
+    import signal
     from megahet.errors import MegahetError
     from megahet.parallel.context import build_parallel_context
     ctx = build_parallel_context(backend_name="cpu", timeout_s=3.0)
+    pids = torch.tensor([float(os.getpid()) if r == ctx.rank else 0.0 for r in range(2)], dtype=torch.float64,
+                        device=ctx.device)
+    ctx.world_group.all_reduce(pids)
+    ctx.progress.step = 7
     if ctx.rank == 1:
-        time.sleep(8.0)
+        time.sleep(9.0 if stop_peer else 6.0)  # SIGSTOPped meanwhile when stop_peer
+        try:
+            ctx.world_group.barrier()  # after being continued: rank 0 has given up by then
+        except MegahetError:
+            pass
         return None
+    if stop_peer:
+        time.sleep(2.0)  # a few heartbeats (0.75 s apart) carry rank 1's step first
+        os.kill(int(pids[1].item()), signal.SIGSTOP)
     try:
         ctx.world_group.all_reduce(torch.ones(4, device=ctx.device))
     except MegahetError as exc:
         return str(exc)
+    finally:
+        if stop_peer:
+            os.kill(int(pids[1].item()), signal.SIGCONT)
     return "no error"
+
+
+def hang_in_bridged_exchanges():
+    """cpu, cpu, sim: rank 2 (sim) hangs. Ranks 0 and 1's hierarchical all-reduce over the dp group and
+    rank 1's pipeline-link exchange with rank 2 must each fail with the one-line error naming rank 2."""
+    from megahet.errors import MegahetError
+    from megahet.parallel.context import RankSpec, build_parallel_context
+    from megahet.parallel.links import Recv
+    ctx = build_parallel_context(rank_specs=[RankSpec("cpu"), RankSpec("cpu"), RankSpec("sim")], timeout_s=3.0)
+    if ctx.rank == 2:
+        time.sleep(15.0)
+        return None
+    out = []
+    try:
+        ctx.dp_group.all_reduce(torch.ones(8, device=ctx.device))
+    except MegahetError as exc:
+        out.append(str(exc))
+    if ctx.rank == 1:
+        try:
+            ctx.links.exchange([], [Recv((4,), torch.float32, 2)])
+        except MegahetError as exc:
+            out.append(str(exc))
+    if ctx.rank == 0:
+        time.sleep(6.0)  # rank 0 serves the store (env://): keep it up while rank 1 reads rank 2's heartbeat
+    return out
