@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from megahet.device import Backend
 from megahet.kernels import (Kernels, TokenCounts, check_attention_shapes, expert_split_sizes,
-                             reference_grouped_matmul, reference_rms_norm)
+                             reference_apply_rotary, reference_grouped_matmul, reference_rms_norm)
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,47 @@ def sdpa_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [b, n, s, d]
         is_causal=True, scale=softmax_scale, enable_gqa=group > 1)  # [b, nq, s, d]
-    return out.transpose(1, 2).contiguous()  # [b, s, nq, d]
+    # A view, not a copy: the caller's next reshape copies once into the layout it needs.
+    return out.transpose(1, 2)  # [b, s, nq, d]
+
+
+class _RotaryHalves(torch.autograd.Function):
+    """x*cos + rotate_half(x)*sin written as one product and two in-place multiply-adds per half.
+
+    The autograd graph of the plain formula allocates five tensors forward (neg, cat, two products,
+    the sum) and as many backward; this makes one forward and one backward, and saves no activation.
+    Computes in fp32 at least, returns x.dtype, as the reference.
+    """
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        ctx.in_dtype = x.dtype
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # [s, b, n, d]
+        half = x.shape[-1] // 2
+        x1, x2 = xf[..., :half], xf[..., half:]  # [s, b, n, d/2] each
+        out = xf * cos.to(xf.dtype)  # [s, b, n, d]
+        out[..., :half].addcmul_(x2, sin[..., :half].to(xf.dtype), value=-1.0)  # y1 = x1 c1 - x2 s1
+        out[..., half:].addcmul_(x1, sin[..., half:].to(xf.dtype))  # y2 = x2 c2 + x1 s2
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        gf = grad.to(torch.promote_types(grad.dtype, torch.float32))  # [s, b, n, d]
+        half = gf.shape[-1] // 2
+        g1, g2 = gf[..., :half], gf[..., half:]
+        dx = gf * cos.to(gf.dtype)  # [s, b, n, d]
+        dx[..., :half].addcmul_(g2, sin[..., half:].to(gf.dtype))  # dx1 = g1 c1 + g2 s2
+        dx[..., half:].addcmul_(g1, sin[..., :half].to(gf.dtype), value=-1.0)  # dx2 = g2 c2 - g1 s1
+        return dx.to(ctx.in_dtype), None, None
+
+
+def fused_apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (see megahet.kernels.reference_apply_rotary) with fewer passes over x."""
+    if x.shape[-1] % 2:
+        return reference_apply_rotary(x, cos, sin)  # its error message for odd head dims
+    return _RotaryHalves.apply(x, cos, sin)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -113,7 +153,7 @@ def torch_grouped_matmul(x: torch.Tensor, weight: torch.Tensor,
 def torch_native_kernels() -> Kernels:
     """Reference table with the entries PyTorch itself fuses on every device type."""
     return Kernels.reference().replace(rms_norm=torch_rms_norm, layer_norm=torch_layer_norm,
-                                       causal_attention=sdpa_causal_attention,
+                                       apply_rotary=fused_apply_rotary, causal_attention=sdpa_causal_attention,
                                        grouped_matmul=torch_grouped_matmul)
 
 

@@ -162,22 +162,53 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         sum_exp = exp.sum(dim=-1)
         group.all_reduce(sum_exp)
         loss = sum_exp.log() - target  # [s, b]
-        softmax = exp.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(softmax, local_label, in_shard)
+        # exp / sum_exp is left to the backward, which scales every row anyway: one pass fewer.
+        ctx.save_for_backward(exp, sum_exp, local_label, in_shard)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        softmax, local_label, in_shard = ctx.saved_tensors
-        grad = softmax  # reused in place: backward runs once
+        exp, sum_exp, local_label, in_shard = ctx.saved_tensors
+        grad = exp.mul_((grad_loss / sum_exp).unsqueeze(-1))  # softmax * grad, in place: backward runs once
         rows = grad.view(-1, grad.shape[-1])
         idx = torch.arange(rows.shape[0], device=grad.device)
-        rows[idx, local_label.reshape(-1)] -= in_shard.reshape(-1).to(grad.dtype)
-        grad.mul_(grad_loss.unsqueeze(-1))
+        rows[idx, local_label.reshape(-1)] -= (in_shard.to(grad.dtype) * grad_loss).reshape(-1)
         return grad, None, None, None, None
+
+
+class _LocalCrossEntropy(torch.autograd.Function):
+    """Cross-entropy over the whole (unsharded) vocabulary, from torch's fused log-softmax.
+
+    With one TP rank nothing is exchanged, and the fused kernel finds each row's max and sum of
+    exponentials while the row is in cache; the sharded path's separate max, subtract, exp, sum and
+    divide each sweep the whole logits tensor. It writes over the logits (each row is reduced before
+    it is written; tests/unit/test_cross_entropy.py checks the result), as the sharded path does, so
+    no second logits-sized tensor is allocated. Backward turns the saved log-probabilities into the
+    gradient in place (exp, minus one at the label, times the incoming gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, vocab_size: int):
+        logits = logits.float()  # [s, b, v]
+        if logits.shape[-1] > vocab_size:  # padding columns: never predicted
+            logits[..., vocab_size:] = float("-inf")
+        logp = torch.log_softmax(logits, dim=-1, out=logits)  # [s, b, v]
+        loss = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1).neg()  # [s, b]
+        ctx.save_for_backward(logp, labels)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logp, labels = ctx.saved_tensors
+        grad = logp.exp_()  # softmax, reused in place: backward runs once
+        grad.scatter_add_(-1, labels.unsqueeze(-1), torch.full_like(grad_loss, -1.0).unsqueeze(-1))
+        grad.mul_(grad_loss.unsqueeze(-1))
+        return grad, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, group: CommGroup,
                                  vocab_start: int, vocab_size: int) -> torch.Tensor:
     """Per-token loss [s, b] (fp32) from vocabulary-sharded logits [s, b, v/tp] and labels [s, b]."""
+    if group.size == 1:
+        return _LocalCrossEntropy.apply(logits, labels, vocab_size)
     return _VocabParallelCrossEntropy.apply(logits, labels, group, vocab_start, vocab_size)
