@@ -35,13 +35,27 @@ class Progress:
 
     def __init__(self, rank: int, store=None, interval_s: float = 5.0):
         self.rank, self.store, self.interval_s = rank, store, interval_s
-        self.step = 0  # the training loop sets it at every step
+        self._step = 0
         self._seq: Dict[str, int] = {}
         self._last = ""
         self._beat = 0
+        self._published = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        """The training loop sets it at every step; a new step is published early (at most 4 per beat),
+        so a rank that dies soon after is named with its step, not the one a beat ago."""
+        self._step = value
+        if self._thread is not None and time.monotonic() - self._published >= self.interval_s / 4:
+            self._wake.set()
 
     def enter(self, group: str, what: str) -> int:
         """Count a call on `group` (the name of a CommGroup); returns its number (1, 2, ...)."""
@@ -52,7 +66,7 @@ class Progress:
 
     def snapshot(self) -> dict:
         with self._lock:
-            return {"beat": self._beat, "step": self.step, "in": self._last, "seq": dict(self._seq)}
+            return {"beat": self._beat, "step": self._step, "in": self._last, "seq": dict(self._seq)}
 
     # ------------------------------------------------------------------ heartbeat
     def start(self) -> None:
@@ -64,14 +78,20 @@ class Progress:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
     def _publish(self) -> None:
         with self._lock:
             self._beat += 1
+        self._published = time.monotonic()
         self.store.set(str(self.rank), json.dumps(self.snapshot()))
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while True:
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self._publish()
             except Exception as exc:  # noqa: BLE001 - the store is gone (job ending): stop beating
