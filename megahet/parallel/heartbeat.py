@@ -134,8 +134,8 @@ def explain_peers(peers: Sequence[int], first: Dict[int, Optional[dict]], second
             return f"rank {r} never published a heartbeat"
         alive = a is None or b["beat"] > a["beat"]
         when = f"in step {b['step']}" if b["step"] else "before the first step"
-        where = f"{when}, last entered {b['in'] or 'no collective'}"
-        return f"rank {r} {where}" + ("" if alive else f", no heartbeat for {wait_s:.0f}+ s: dead or stopped")
+        where = f"last heartbeat: {when}, last entered {b['in'] or 'no collective'}"
+        return f"rank {r} ({where}" + (")" if alive else f"; none for {wait_s:.0f}+ s: dead or stopped)")
 
     if group is None:
         return "; ".join(state(r) for r in peers)

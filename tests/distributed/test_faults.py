@@ -7,13 +7,15 @@ from tests.distributed.ckpt_cases import hang_in_all_reduce, hang_in_bridged_exc
 def test_a_hung_rank_gives_a_one_line_error_naming_rank_and_collective():
     msg = run_distributed(hang_in_all_reduce, 2, timeout=60)[0]
     assert msg.startswith("rank 0: collective all_reduce over world timed out"), msg
-    assert "never arrived: rank 1 in step 7, last entered all_reduce over world;" in msg and "\n" not in msg, msg
+    assert "never arrived: rank 1 (last heartbeat: in step 7, last entered all_reduce over world);" in msg, msg
+    assert "\n" not in msg
     assert "dead or stopped" not in msg  # its heartbeat goes on: alive, stuck elsewhere
 
 
 def test_a_stopped_rank_is_named_as_dead_or_stopped():
     msg = run_distributed(hang_in_all_reduce, 2, True, timeout=60)[0]
-    assert "never arrived: rank 1 in step 7, last entered all_reduce over world, no heartbeat for" in msg, msg
+    assert ("never arrived: rank 1 (last heartbeat: in step 7, last entered all_reduce over world; none for "
+            in msg), msg
     assert "dead or stopped" in msg and "\n" not in msg
 
 
@@ -21,9 +23,9 @@ def test_hangs_in_hierarchical_reductions_and_pipeline_links_name_the_rank():
     res = run_distributed(hang_in_bridged_exchanges, 3, timeout=90)
     for rank in (0, 1):
         assert res[rank][0].startswith(f"rank {rank}: collective all_reduce over dp[0, 1, 2] timed out"), res[rank]
-        assert "never arrived: rank 2 before the first step" in res[rank][0], res[rank]
+        assert "never arrived: rank 2 (last heartbeat: before the first step" in res[rank][0], res[rank]
     assert res[1][1].startswith("rank 1: point-to-point exchange with ranks [2] timed out"), res[1]
-    assert "rank 2 before the first step" in res[1][1] and all("\n" not in m for m in res[0] + res[1])
+    assert "rank 2 (last heartbeat: before the first step" in res[1][1] and all("\n" not in m for m in res[0] + res[1])
 
 
 def test_nan_burst_skips_steps_and_checkpoints_stay_exact(tmp_path):

@@ -12,17 +12,18 @@ def test_peers_behind_on_the_group_are_named_with_their_state():
     second = {1: _rec(5, 3, "broadcast over tp[0, 1]", g=4), 2: _rec(10, 3, "all_reduce over g", g=5),
               3: _rec(2, 2, "barrier over world", g=3)}
     msg = explain_peers([1, 2, 3], first, second, 2.0, "g", 5)
-    assert msg == ("never arrived: rank 1 in step 3, last entered broadcast over tp[0, 1]; rank 3 in step 2, last "
-                   "entered barrier over world, no heartbeat for 2+ s: dead or stopped")
+    assert msg == ("never arrived: rank 1 (last heartbeat: in step 3, last entered broadcast over tp[0, 1]); rank 3 "
+                   "(last heartbeat: in step 2, last entered barrier over world; none for 2+ s: dead or stopped)")
 
 
 def test_when_every_peer_arrived_the_dead_ones_are_named():
     first = {1: _rec(4, 3, "all_reduce over g", g=5), 2: _rec(4, 3, "all_reduce over g", g=6)}
     second = {1: _rec(4, 3, "all_reduce over g", g=5), 2: _rec(5, 3, "all_reduce over g", g=6)}
     assert explain_peers([1, 2], first, second, 1.0, "g", 5) == \
-        "every peer entered it, but rank 1 in step 3, last entered all_reduce over g, no heartbeat for 1+ s: dead or stopped"
+        ("every peer entered it, but rank 1 (last heartbeat: in step 3, last entered all_reduce over g; none for 1+ s: "
+         "dead or stopped)")
     assert explain_peers([2], {2: None}, {2: None}, 1.0, "g", 1) == "never arrived: rank 2 never published a heartbeat"
-    assert explain_peers([2], first, second, 1.0) == "rank 2 in step 3, last entered all_reduce over g"
+    assert explain_peers([2], first, second, 1.0) == "rank 2 (last heartbeat: in step 3, last entered all_reduce over g)"
 
 
 def test_counting_is_per_group_and_the_fast_path_needs_no_store():
