@@ -38,6 +38,11 @@ CPU2 = {"groups": [{"name": "cpu", "backend": "cpu", "devices": 2}]}
 SIM4 = {"groups": [{"name": "a", "backend": "sim", "devices": 2, "speed": 0.5},
                    {"name": "b", "backend": "sim", "devices": 2, "speed": 0.25}]}
 SIM4Q = {"groups": [{"name": "q", "backend": "sim", "devices": 4, "speed": 0.25}]}
+# Two simulated data centres joined by a slow link: the runtime throttles every message between them
+# (megahet/parallel/link_throttle.py) to latency + bytes / bandwidth.
+TWO_SITES = {"groups": [{"name": "fast", "backend": "cpu", "devices": 1, "site": "dc1"},
+                        {"name": "slow", "backend": "sim", "devices": 1, "speed": 0.5, "site": "dc2"}],
+             "links": {"cross_site": 0.05, "cross_site_latency_ms": 20}}
 
 # name -> (cluster, layout flags, model overrides)
 CASES = {
@@ -52,6 +57,8 @@ CASES = {
     "dp-distopt-recompute": (CPU2, {"use_distributed_optimizer": True, "recompute_granularity": "full"}, {}),
     "pp4-sim": (SIM4Q, {"pipeline_model_parallel_size": 4}, {"global_batch_size": 16}),
     "tp2xpp2-mixed": (SIM4, {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}, {}),
+    "pp-2sites": (TWO_SITES, {"pipeline_model_parallel_size": 2, "pipeline_layers": [6, 2]}, {}),
+    "dp-2sites": (TWO_SITES, {}, {}),
 }
 
 
@@ -88,9 +95,10 @@ def predict_case(cluster_raw, layout, model, profile, links_prof):
             s.pop("ranks", None)
     spec = cm.ModelSpec.from_config(cfg)
     groups = cluster_groups(cluster, profile)
-    links = cm.Links.from_cluster({})
+    links = cm.Links.from_cluster(cluster.links)
     for kind, (bw, lat) in links_prof.items():
-        links.bandwidth[kind], links.latency[kind] = bw, lat
+        if kind not in cluster.links:  # measured here unless the spec sets the link (simulated sites)
+            links.bandwidth[kind], links.latency[kind] = bw, lat
     opts = Options(recompute=cfg.train.recompute_granularity,
                    distributed_optimizer=cfg.parallel.use_distributed_optimizer)
     return predict(plan, spec, groups, links, opts), cfg

@@ -393,13 +393,17 @@ def tp_comm_time(spec: ModelSpec, group: GroupSpec, links: Links, mbs: int, tp: 
 
 def ep_comm_time(spec: ModelSpec, group: GroupSpec, links: Links, mbs: int, tp: int, ep: int,
                  moe_layers: int) -> float:
-    """Dispatch + combine all-to-all, forward and backward, of `moe_layers` MoE layers, one micro-batch."""
+    """Dispatch + combine all-to-all, forward and backward, of `moe_layers` MoE layers, one micro-batch,
+    plus the all-gather of per-expert counts that sizes each forward dispatch (moe/dispatcher.py):
+    five collectives per layer, the last one latency-bound."""
     if ep <= 1 or moe_layers == 0:
         return 0.0
     tokens = mbs * spec.seq / (tp if spec.sequence_parallel else 1)
     nbytes = tokens * spec.topk * spec.hidden * spec.param_bytes
     kind = "intra_node" if ep * tp <= group.devices_per_node else "inter_node"
-    return 4 * moe_layers * alltoall_time(nbytes, ep, links.bandwidth[kind], links.latency[kind])
+    bw, lat = links.bandwidth[kind], links.latency[kind]
+    counts = (ep - 1) * lat + (ep - 1) * spec.num_experts * 8 / bw  # all-gather of E int64 counts
+    return moe_layers * (4 * alltoall_time(nbytes, ep, bw, lat) + counts)
 
 
 def p2p_bytes(spec: ModelSpec, mbs: int) -> float:

@@ -257,3 +257,16 @@ def test_brute_force_helper_is_exhaustive():
     for order, a in itertools.product((0, 1), range(1, spec.num_layers)):
         seen.add((order, a))
     assert len(seen) == 2 * (spec.num_layers - 1)
+
+
+def test_ep_comm_counts_the_dispatchers_five_collectives():
+    # 2 MoE layers, EP 4 in one node, 1 GB/s, 1 ms: per layer 4 all-to-alls of tokens x topk x h x 2 bytes,
+    # each (3/4 x bytes / bw + 3 x lat), plus the all-gather of 8 int64 counts (3 x lat + 3 x 64 / bw).
+    spec = _spec(num_experts=8, topk=2, sequence_parallel=False)
+    links = cm.Links()
+    links.bandwidth["intra_node"], links.latency["intra_node"] = 1e9, 1e-3
+    nbytes = 2 * 1024 * 2 * 1024 * 2  # mbs 2 x seq 1024 tokens, top-2, hidden 1024, bf16
+    per_layer = 4 * (0.75 * nbytes / 1e9 + 3e-3) + (3e-3 + 3 * 64 / 1e9)
+    got = cm.ep_comm_time(spec, _group(), links, mbs=2, tp=1, ep=4, moe_layers=2)
+    assert got == pytest.approx(2 * per_layer)
+    assert cm.ep_comm_time(spec, _group(), links, mbs=2, tp=1, ep=1, moe_layers=2) == 0.0
