@@ -162,10 +162,15 @@ def autoplan_pipeline(iters: int, rounds: int = 2):
           f"speedup over the uniform split {med[names[1]] / med[names[2]]:.2f}x")
 
 
-def autoplan_dp(iters: int, rounds: int = 2, gbs: int = 48):
+def autoplan_dp(iters: int, rounds: int = 2, gbs: int = 48, together: bool = False):
     """`--cluster` with no layout flags on cpu(1)+sim(0.5), 8 layers: the planner's data-parallel plan
     against the sum of each device training the same job alone (cpu alone, sim(0.5) alone), all three
-    measured in the same run, alternating, `rounds` times."""
+    measured in the same run, alternating, `rounds` times.
+
+    together: run the two alone jobs at the same time (the sim one half the steps, so both last about
+    as long), so each device's job shares this host with the other as the two ranks of the combined
+    job do; on a host with fewer free cores than ranks, one job alone gets more CPU than either rank of
+    the combined job, which would bias the comparison against the combined job."""
     os.environ["OMP_NUM_THREADS"] = "1"  # what run_case gives each rank: the same profile, the same plan
     from megahet.hetero.autoplan import choose_plan
     model = {"global_batch_size": gbs}
@@ -177,6 +182,19 @@ def autoplan_dp(iters: int, rounds: int = 2, gbs: int = 48):
     runs = {"cpu alone": cpu, "sim(0.5) alone": sim, "auto-planned cpu + sim(0.5)": both}
     tokens = {k: [] for k in runs}
     for r in range(rounds):
+        if together:
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(2) as pool:
+                jobs = [pool.submit(run_case, runs[name], {}, model, n, 29800 + 10 * r + i)
+                        for i, (name, n) in enumerate((("cpu alone", 2 * iters), ("sim(0.5) alone", iters)))]
+                steps = [j.result() for j in jobs]
+            for name, step in zip(("cpu alone", "sim(0.5) alone"), steps):
+                tokens[name].append(gbs * MODEL["seq_length"] / step)
+            step = run_case(both, {}, model, iters, 29800 + 10 * r + 2)
+            tokens["auto-planned cpu + sim(0.5)"].append(gbs * MODEL["seq_length"] / step)
+            print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in tokens.items()) + " tokens/s",
+                  flush=True)
+            continue
         for i, (name, cl) in enumerate(runs.items()):
             step = run_case(cl, {}, model, iters, 29800 + 10 * r + i)
             tokens[name].append(gbs * MODEL["seq_length"] / step)
@@ -184,12 +202,58 @@ def autoplan_dp(iters: int, rounds: int = 2, gbs: int = 48):
     med = {k: statistics.median(v) for k, v in tokens.items()}
     names = list(runs)
     shape = " + ".join(f"{p.micro_batches} x {p.micro_batch_size} on {p.stages[0].group}" for p in plan.pipelines)
+    how = "the two alone jobs run at the same time" if together else "one job at a time"
     print(f"\ndata parallel, 8 layers, batch {gbs}, cpu(1)+sim(0.5): planner's plan {shape} "
-          f"(layers {plan.layers}); medians of {rounds} alternating runs")
+          f"(layers {plan.layers}); medians of {rounds} alternating rounds, {how}")
     for k in names:
         print(f"  {k:<30} {med[k]:>8.0f} tokens/s")
     print(f"  auto / (cpu alone + sim alone) = {med[names[2]] / (med[names[0]] + med[names[1]]):.3f} "
           f"(target >= 0.975)")
+
+
+def _peak_child(overrides):
+    """Train in this (fresh) process; the rise of anonymous resident memory over the run, in bytes."""
+    from megahet.memory_probe import PeakSampler, exact_malloc_accounting
+    exact_malloc_accounting()  # large blocks get their own mapping and are returned at free
+    from megahet.training.pretrain import pretrain
+    cfg = build_config(overrides=overrides)
+    with PeakSampler() as sampler:
+        pretrain(cfg)
+    return sampler.extra
+
+
+MEMORY_CASES = {
+    "no recompute, mbs 2": {},
+    "4 layers, mbs 2": {"num_layers": 4},
+    "16 layers, mbs 2": {"num_layers": 16},
+    "no recompute, mbs 4": {"micro_batch_size": 4},
+    "full recompute, mbs 4": {"micro_batch_size": 4, "recompute_granularity": "full"},
+}
+
+
+def memory_table():
+    """Predicted per-rank memory (parameters, fp32 gradients, Adam state, activations) against the peak
+    anonymous resident memory a one-process cpu run adds while it builds the model and trains 3 steps
+    (RssAnon with exact malloc accounting: tensors and everything else the run allocates)."""
+    import multiprocessing as mp
+    os.environ.update(OMP_NUM_THREADS="1", WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
+    print(f"{'case':<24} {'params':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'predicted':>10} {'measured':>9} "
+          f"{'error':>7}   (MB)")
+    for name, extra in MEMORY_CASES.items():
+        overrides = {**MODEL, **extra, "mock_data": True, "train_iters": 3, "log_interval": 1,
+                     "eval_interval": 100000}
+        cfg = build_config(overrides=overrides, validate=False)
+        prof = load_or_measure(cfg.model, params_dtype(cfg), threads=1, micro_batch_sizes=(cfg.train.micro_batch_size,),
+                               vocab_size=cfg.model.vocab_size)
+        layout = {k: v for k, v in extra.items() if k == "recompute_granularity"}
+        pred, _ = predict_case({"groups": [CPU_SIM["groups"][0]]}, layout, extra, prof, {})
+        mem = pred.stages[0].memory
+        with mp.get_context("spawn").Pool(1) as pool:
+            measured = pool.apply(_peak_child, (overrides,))
+        mb = 1e6
+        print(f"{name:<24} {mem.params / mb:>8.1f} {mem.grads / mb:>8.1f} {mem.optimizer / mb:>8.1f} "
+              f"{mem.activations / mb:>8.1f} {mem.total / mb:>10.1f} {measured / mb:>9.1f} "
+              f"{(mem.total / measured - 1) * 100:>+6.1f}%", flush=True)
 
 
 def main():
@@ -197,6 +261,8 @@ def main():
     ap.add_argument("--iters", type=int, default=6)
     ap.add_argument("--only", default=None, help="comma-separated case names")
     ap.add_argument("--autoplan", action="store_true", help="only the auto-plan quality measurement (pipeline)")
+    ap.add_argument("--memory", action="store_true", help="only predicted vs measured peak memory")
+    ap.add_argument("--together", action="store_true", help="--autoplan-dp: run the two alone jobs at once")
     ap.add_argument("--autoplan-dp", action="store_true", help="only the auto-plan quality measurement (data "
                     "parallel vs each device alone)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of the auto-plan measurement")
@@ -204,8 +270,11 @@ def main():
     if args.autoplan:
         autoplan_pipeline(args.iters, args.rounds)
         return
+    if args.memory:
+        memory_table()
+        return
     if args.autoplan_dp:
-        autoplan_dp(args.iters, args.rounds)
+        autoplan_dp(args.iters, args.rounds, together=args.together)
         return
     names = args.only.split(",") if args.only else list(CASES)
     links_prof = measure_links()
