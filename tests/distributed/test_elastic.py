@@ -1,6 +1,5 @@
 """Elastic re-plan: a cpu + sim job loses its sim group, restarts on the cpu rank alone with the same
 command line and --elastic, is re-planned, and continues the uninterrupted run's losses and data order."""
-import json
 import os
 
 from megahet.testing import run_distributed
