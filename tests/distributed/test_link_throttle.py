@@ -16,7 +16,9 @@ def test_cross_site_messages_take_the_link_time():
     torch.testing.assert_close(r0["sum"], expected)
     torch.testing.assert_close(r1["sum"], expected)
     assert r1["p2p_s"] >= LINK_S  # the receiver waits for the message to cross
-    assert r0["p2p_s"] < LINK_S  # the sender's message is buffered: it goes on
+    # The sender's message is buffered: it goes on without sleeping for the link (counted, not timed,
+    # so a loaded machine cannot fail it).
+    assert r0["p2p_waited_s"] == 0.0
     # Each rank receives the other's half-tensor shard (0.5 MB): 300 ms + 50 ms at least.
     assert min(r0["reduce_s"], r1["reduce_s"]) >= 0.3 + 0.5e6 / 0.01e9
 
@@ -24,4 +26,4 @@ def test_cross_site_messages_take_the_link_time():
 def test_without_sites_nothing_waits():
     r0, r1 = run_distributed(timed_cross_site_messages, 2, 0, 0.0, NUMEL, timeout=90)
     torch.testing.assert_close(r1["got"], torch.arange(NUMEL, dtype=torch.float32))
-    assert r1["p2p_s"] < LINK_S and max(r0["reduce_s"], r1["reduce_s"]) < LINK_S
+    assert not r0["throttled"] and not r1["throttled"]  # no sites: no throttle, nothing ever sleeps

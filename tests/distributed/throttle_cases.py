@@ -23,9 +23,12 @@ def timed_cross_site_messages(latency_ms, gbps, numel):
     else:
         (got,) = ctx.links.exchange([], [Recv((numel,), torch.float32, 0)])
     p2p_s = time.perf_counter() - start
+    throttle = ctx.links.throttle
+    p2p_waited = throttle.waited_s if throttle is not None else 0.0  # slept for link time, not load
     ctx.world_group.barrier()
     start = time.perf_counter()
     ctx.dp_group.all_reduce(x)
     reduce_s = time.perf_counter() - start
-    return {"p2p_s": p2p_s, "reduce_s": reduce_s, "got": got, "sum": x,
+    return {"p2p_s": p2p_s, "reduce_s": reduce_s, "got": got, "sum": x, "p2p_waited_s": p2p_waited,
+            "throttled": throttle is not None,
             "hierarchical": type(ctx.dp_group).__name__}
