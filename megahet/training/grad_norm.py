@@ -50,11 +50,12 @@ def global_grad_norm(params: Sequence[torch.Tensor], ctx, grads: Optional[Sequen
         sharded_over_dp: grads are data-parallel shards (distributed optimizer): count every rank's.
     """
     group = ctx.world_group
-    squares = [torch.linalg.vector_norm(g, dtype=torch.float32).square().reshape(1)
-               for p, g in _pairs(params, grads)
+    counted = [g for p, g in _pairs(params, grads)
                if g is not None and g.numel() and counted_here(p, ctx, sharded_over_dp)]
-    # One device-to-host trip (not one per tensor), then the one job-wide reduction.
-    total = (torch.cat(squares).sum().reshape(1).to(group.device) if squares
+    # One multi-tensor call (per-tensor norms, the same bits as a loop of vector_norm, without a
+    # Python round per tensor), one device-to-host trip, then the one job-wide reduction.
+    total = (torch.stack(torch._foreach_norm(counted, 2, dtype=torch.float32)).square().sum().reshape(1)
+             .to(group.device) if counted
              else torch.zeros(1, dtype=torch.float32, device=group.device))  # [1] sum of squares
     group.all_reduce(total)
     return math.sqrt(float(total.item()))
