@@ -23,6 +23,9 @@ Peak memory is measured in a fresh subprocess per model (peak resident set minus
 before the model is built on CPU; the backend's peak allocation on accelerators). The breakdown
 times megahet's step phases (forward, backward, gradient sync, norm/clip, optimizer) in separate
 steps, not the timed ones. Minor page faults per step show allocator churn (--host-allocator).
+"CPU ms/step" is the process CPU time (all threads) of the same timed steps, and "CPU ratio"
+plain / megahet of it: on a shared machine it is not inflated by waiting for a core as wall time is
+(threads spinning while they wait still count).
 
     python tools/bench_model.py [--shapes vocab,block,moe] [--dtypes fp32,bf16] [--iters 10]
                                 [--host-allocator retain] [--compile] [--backend cpu]
@@ -230,14 +233,16 @@ def measure_speed(sh, bf16, args):
         mh_step(batches[0])
         plain_step(batches[0])
     times, faults = {"megahet": [], "plain": []}, {"megahet": [], "plain": []}
+    cpu = {"megahet": [], "plain": []}  # process CPU time: what waiting for a core does not inflate
     for i in range(args.iters):
         order = (("megahet", mh_step), ("plain", plain_step))
         for name, fn in order if i % 2 == 0 else order[::-1]:
             sync()
-            f0, t0 = minor_faults(), time.perf_counter()
+            f0, t0, c0 = minor_faults(), time.perf_counter(), time.process_time()
             loss = fn(batches[i % 2])
             sync()
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
             faults[name].append(minor_faults() - f0)
             if not math.isfinite(loss):
                 raise RuntimeError(f"{name} loss is {loss}")
@@ -250,7 +255,8 @@ def measure_speed(sh, bf16, args):
     tokens = sh["mbs"] * sh["seq"]
     return {"tok_s": {k: tokens / statistics.median(v) for k, v in times.items()},
             "faults": {k: statistics.median(v) for k, v in faults.items()},
-            "step_s": {k: statistics.median(v) for k, v in times.items()}, "phases": phases}
+            "step_s": {k: statistics.median(v) for k, v in times.items()},
+            "cpu_s": {k: statistics.median(v) for k, v in cpu.items()}, "phases": phases}
 
 
 def measure_memory_here(side, shape, dtype, args):
@@ -314,7 +320,8 @@ def main():
           f"host allocator {args.host_allocator}{' (applied)' if applied else ''}, "
           f"AdamW {optimizer_flags(args.optimizer_implementation, torch.device('cpu'))}, compile {args.compile}")
     head = (f"{'shape':6} {'dtype':5} {'megahet tok/s':>13} {'plain tok/s':>11} {'ratio':>6} "
-            f"{'faults/step mh|plain':>21} {'peak MiB mh|plain':>18} {'Adam MiB':>8}")
+            f"{'faults/step mh|plain':>21} {'peak MiB mh|plain':>18} {'Adam MiB':>8} {'CPU ms/step mh|plain':>21} "
+            f"{'CPU ratio':>9}")
     rows, breakdowns = [], []
     print(head)
     for shape in args.shapes.split(","):
@@ -327,7 +334,9 @@ def main():
             ratio = r["tok_s"]["megahet"] / r["tok_s"]["plain"]
             rows.append(f"{shape:6} {dtype:5} {r['tok_s']['megahet']:13.0f} {r['tok_s']['plain']:11.0f} {ratio:6.2f} "
                         f"{r['faults']['megahet']:>10.0f}|{r['faults']['plain']:<10.0f} "
-                        f"{mem[0]:>8}|{mem[1]:<9} {adam_mib:8.0f}")
+                        f"{mem[0]:>8}|{mem[1]:<9} {adam_mib:8.0f} "
+                        f"{r['cpu_s']['megahet'] * 1e3:>10.0f}|{r['cpu_s']['plain'] * 1e3:<10.0f} "
+                        f"{r['cpu_s']['plain'] / r['cpu_s']['megahet']:9.2f}")
             total = r["step_s"]["megahet"]
             parts = " | ".join(f"{k} {v * 1e3:.0f}" for k, v in r["phases"].items())
             breakdowns.append(f"{shape:6} {dtype:5} step {total * 1e3:.0f} ms (timed median); phases (ms): {parts}")
