@@ -42,7 +42,8 @@ def sdpa_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [b, n, s, d]
         is_causal=True, scale=softmax_scale, enable_gqa=group > 1)  # [b, nq, s, d]
-    # A view, not a copy: the caller's next reshape copies once into the layout it needs.
+    # A view, not a copy: SDPA lays its output out like q, so for the model's [s, b, n, d] activations
+    # the layer's transpose back and reshape are views too.
     return out.transpose(1, 2)  # [b, s, nq, d]
 
 
