@@ -156,3 +156,5 @@ def _prepare_replan(cfg, original: ClusterSpec, cluster: ClusterSpec, lost: List
                     given)
         for k in given:
             setattr(cfg.parallel, k, _LAYOUT_DEFAULTS[k])
+    if getattr(cfg, "explicit_fields", None) is not None:  # given at their defaults counts as given too
+        cfg.explicit_fields = frozenset(cfg.explicit_fields) - set(_LAYOUT_DEFAULTS)

@@ -68,3 +68,12 @@ def test_confirm_runs_get_the_training_flags_only():
     argv = ["--cluster", "c.yaml", "--num-layers", "4", "--json", "--confirm", "2", "--output=p.yaml", "--bf16",
             "--layout", "split"]
     assert tool._training_flags(argv) == ["--num-layers", "4", "--bf16"]
+
+
+def test_elastic_replan_forgets_the_layout_flags_even_those_at_their_defaults():
+    from megahet.hetero.elastic import _prepare_replan
+    cluster = parse_cluster(CLUSTER)
+    cfg = _cfg(tensor_model_parallel_size=1, pipeline_model_parallel_size=2)
+    assert layout_flags_given(cfg)
+    _prepare_replan(cfg, cluster, cluster, ["slow"], None, None)
+    assert cfg.parallel.pipeline_model_parallel_size == 1 and not layout_flags_given(cfg)
