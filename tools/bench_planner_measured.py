@@ -46,7 +46,8 @@ TWO_SITES = {"groups": [{"name": "fast", "backend": "cpu", "devices": 1, "site":
 
 # name -> (cluster, layout flags, model overrides)
 CASES = {
-    "dp": (CPU_SIM, {}, {}),
+    # TP 1 given explicitly: with no layout flag, --cluster would auto-plan instead of running this layout.
+    "dp": (CPU_SIM, {"tensor_model_parallel_size": 1}, {}),
     "pp": (CPU_SIM, {"pipeline_model_parallel_size": 2}, {}),
     "pp-uneven": (CPU_SIM, {"pipeline_model_parallel_size": 2, "pipeline_layers": [6, 2]}, {}),
     "pp-interleaved": (CPU_SIM, {"pipeline_model_parallel_size": 2, "num_layers_per_virtual_pipeline_stage": 2},
@@ -54,11 +55,12 @@ CASES = {
     "tp": (CPU2, {"tensor_model_parallel_size": 2}, {}),
     "moe-ep": (CPU2, {"expert_model_parallel_size": 2},
                {"num_experts": 4, "moe_router_topk": 2, "moe_ffn_hidden_size": 256}),
-    "dp-distopt-recompute": (CPU2, {"use_distributed_optimizer": True, "recompute_granularity": "full"}, {}),
+    "dp-distopt-recompute": (CPU2, {"tensor_model_parallel_size": 1, "use_distributed_optimizer": True,
+                                    "recompute_granularity": "full"}, {}),
     "pp4-sim": (SIM4Q, {"pipeline_model_parallel_size": 4}, {"global_batch_size": 16}),
     "tp2xpp2-mixed": (SIM4, {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}, {}),
     "pp-2sites": (TWO_SITES, {"pipeline_model_parallel_size": 2, "pipeline_layers": [6, 2]}, {}),
-    "dp-2sites": (TWO_SITES, {}, {}),
+    "dp-2sites": (TWO_SITES, {"tensor_model_parallel_size": 1}, {}),
 }
 
 
