@@ -12,14 +12,18 @@
    steps: data parallel with the batch split 2:1 (16 + 8 samples) against the ideal, the sum of each
    device's throughput alone on the same per-device work (16 samples on the cpu, 8 on the sim); and
    a pipeline with the layers split 2:1 (8 + 4), whose balance is the sum of stage compute times /
-   (stages x the largest). The alone and plan runs are interleaved for `--rounds` rounds and the
-   median of each is used, so a change in machine load between runs hits all of them alike.
+   (stages x the largest). The two alone jobs run at the same time (`--no-together`: one by one):
+   on a host with as many cores as the plan has ranks, a job alone would otherwise get the spare
+   core's memory bandwidth and caches that neither rank of the plan gets. The alone and plan runs
+   are interleaved for `--rounds` rounds and the median of each is used, so a change in machine
+   load between runs hits all of them alike.
 
     python tools/bench_hetero.py [--mb 16 --reps 9 --iters 6 --rounds 2]
 
 Figures are noisy when other jobs share the CPUs; ratios are the meaningful part.
 """
 import argparse
+from concurrent.futures import ThreadPoolExecutor
 import json
 import os
 import statistics
@@ -121,7 +125,7 @@ def _run_plan(tmp, name, world, cluster, plan, iters, gbs):
     return tokens, steady
 
 
-def _plans(iters: int, rounds: int):
+def _plans(iters: int, rounds: int, together: bool):
     runs = {
         # name: (world, cluster, plan, global batch)
         "alone_cpu": (1, ALONE["cpu"], "layers: [12]\npipelines:\n"
@@ -138,7 +142,15 @@ def _plans(iters: int, rounds: int):
     balances = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
+            if together:  # both alone jobs at once: each shares the host as the plan's two ranks do
+                with ThreadPoolExecutor(2) as pool:
+                    jobs = {name: pool.submit(_run_plan, tmp, f"{name}{r}", *runs[name][:3], iters, runs[name][3])
+                            for name in ("alone_cpu", "alone_sim")}
+                    for name, job in jobs.items():
+                        tokens[name].append(job.result()[0])
             for name, (world, cluster, plan, gbs) in runs.items():
+                if together and name.startswith("alone"):
+                    continue
                 t, steady = _run_plan(tmp, f"{name}{r}", world, cluster, plan, iters, gbs)
                 tokens[name].append(t)
                 if name == "pp":
@@ -156,6 +168,9 @@ def main():
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--iters", type=int, default=6, help="training steps per plan run")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the alone and plan runs")
+    ap.add_argument("--together", action=argparse.BooleanOptionalAction, default=True,
+                    help="run the cpu-alone and sim-alone jobs at the same time (default), so each shares "
+                         "this host's cores as the plan's two ranks do; --no-together runs them one by one")
     ap.add_argument("--parts", default="comm,plans", help="comm (P2P and reduction), plans, or both")
     args = ap.parse_args()
     env = {"MEGAHET_TEST_THREADS": "1"}
@@ -178,7 +193,7 @@ def _comm(args, env):
 
 
 def _report_plans(args):
-    plans = _plans(args.iters, args.rounds)
+    plans = _plans(args.iters, args.rounds, args.together)
     ideal = plans["alone"]["cpu"] + plans["alone"]["sim"]
     print(f"alone: cpu {plans['alone']['cpu']:.0f} tokens/s, sim(0.5) {plans['alone']['sim']:.0f} tokens/s, "
           f"ideal sum {ideal:.0f}")
