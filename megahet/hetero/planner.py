@@ -635,6 +635,11 @@ def _no_layout_reason(spec, groups, c: Constraints, gbs: int, all_devices: bool)
             f"--global-batch-size{', or allow idle devices (tools/plan.py --allow-idle)' if all_devices else ''}")
 
 
+def _gb(value: float) -> str:
+    """A shortfall in GB, with enough digits that a small one does not print as 0.0."""
+    return f"{value:.1f} GB" if value >= 0.05 else f"{value * 1024:.0f} MB" if value >= 0.0005 else "<1 MB"
+
+
 def _infeasible_reason(least_bad, groups, spec, c: Constraints) -> str:
     if least_bad is None:
         return "no plan fits the cluster; relax the fixed layout flags"
@@ -642,7 +647,7 @@ def _infeasible_reason(least_bad, groups, spec, c: Constraints) -> str:
     g = max(over, key=over.get)
     grp = groups[g]
     return (f"group '{g}' ({grp.devices} x {grp.memory_gb:g} GB) lacks memory: even the best layout "
-            f"({cand.describe()}) needs {over[g]:.1f} GB more per device; add devices or memory to '{g}', "
+            f"({cand.describe()}) needs {_gb(over[g])} more per device; add devices or memory to '{g}', "
             f"use --use-distributed-optimizer, or train a smaller model")
 
 
