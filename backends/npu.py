@@ -199,6 +199,9 @@ class NPUBackend(Backend):
     device_type = "npu"
     collective_backend = "hccl"
     domain = "npu"
+    # HcclAllReduce / HcclReduceScatter take int8/16/32/64, fp16, fp32 and bf16 on Atlas training,
+    # A2 (910B) and A3 parts, not fp64 (CANN HCCL API reference, HcclAllReduce "dataType").
+    unreducible_dtypes = frozenset({torch.float64})
 
     def is_available(self) -> tuple[bool, str]:
         try:

@@ -49,6 +49,8 @@ class Backend:
     collective_backend: str = "gloo"
     domain: str = "base"
     supports_bf16: bool = True  # False: stages on this backend compute in fp32 under --bf16 (masters are fp32 anyway)
+    # dtypes its collective library cannot reduce: native groups reduce such tensors in fp32 instead
+    unreducible_dtypes: frozenset = frozenset()
 
     def __init__(self, *, peak_tflops: Optional[float] = None) -> None:
         if peak_tflops is not None and (isinstance(peak_tflops, bool)

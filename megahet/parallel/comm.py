@@ -71,17 +71,6 @@ def _timed_waits(cls):
     return cls
 
 
-# Reduction dtypes a native library does not offer. HcclAllReduce/HcclReduceScatter take int8/16/32/64,
-# fp16, fp32 and bf16 on Atlas training, A2 (910B) and A3 parts, not fp64 (CANN HCCL API reference,
-# HcclAllReduce "dataType"); such tensors are reduced in fp32 and written back.
-_LACKS_REDUCE_DTYPE = {"hccl": frozenset({torch.float64})}
-
-
-def reduction_dtype(library: str, dtype: torch.dtype) -> torch.dtype:
-    """The dtype `library` reduces a `dtype` tensor in (fp32 where it has no fp64 reductions)."""
-    return torch.float32 if dtype in _LACKS_REDUCE_DTYPE.get(library, ()) else dtype
-
-
 @_timed_waits
 @named_failures  # a hung or dead peer: one-line error naming this rank, the collective and the group
 class CommGroup:
@@ -95,10 +84,13 @@ class CommGroup:
         library: the collective library of `pg` (gloo, nccl or hccl).
         name: for logs and errors.
         device: this rank's compute device (where a native group's tensors live).
+        unreducible_dtypes: dtypes the library cannot reduce (the backend's `unreducible_dtypes`);
+            they are reduced in fp32 and written back.
     """
 
     def __init__(self, ranks: Sequence[int], my_rank: int, pg=None, bridged: bool = False,
-                 library: str = "gloo", name: str = "", device: Optional[torch.device] = None):
+                 library: str = "gloo", name: str = "", device: Optional[torch.device] = None,
+                 unreducible_dtypes: frozenset = frozenset()):
         self.ranks: List[int] = list(ranks)
         self.size = len(self.ranks)
         self.rank = self.ranks.index(my_rank) if my_rank in self.ranks else -1
@@ -108,6 +100,7 @@ class CommGroup:
         self.device = torch.device("cpu") if on_host else device
         # gloo cannot be trusted to reduce half types (pytorch issue 111131): upcast there.
         self._upcast_reductions = on_host
+        self.unreducible_dtypes = frozenset() if bridged else frozenset(unreducible_dtypes)
         # Strict mode (tests): reject host-born tensors on native groups, as nccl/hccl would.
         self.strict = strict_devices.enabled() and not bridged
         if self.strict:
@@ -157,8 +150,7 @@ class CommGroup:
     def _stage_reduction(self, tensor: torch.Tensor) -> torch.Tensor:
         """The tensor as the library reduces it: host-staged for the bridge, upcast where needed."""
         staged = bridge.stage_for_reduction(tensor, self.bridged, self._upcast_reductions)
-        dtype = reduction_dtype(self.library, staged.dtype)
-        return staged if dtype == staged.dtype else staged.to(dtype)
+        return staged.float() if staged.dtype in self.unreducible_dtypes else staged
 
     def _into(self, collective, out: torch.Tensor, staged: torch.Tensor, async_op: bool):
         """Run `collective(result, staged)` straight into `out` when dtype and device allow, else into
@@ -254,7 +246,8 @@ class CommGroup:
 
 
 def make_group(ranks: Sequence[int], my_rank: int, domains: Sequence[str], libraries: Sequence[str],
-               timeout, name: str = "", device: Optional[torch.device] = None) -> Optional[CommGroup]:
+               timeout, name: str = "", device: Optional[torch.device] = None,
+               unreducible_dtypes: frozenset = frozenset()) -> Optional[CommGroup]:
     """Create the process group for `ranks` (every rank must call this, in the same order).
 
     `domains[r]` and `libraries[r]` describe global rank r. Returns a CommGroup for members and None
@@ -269,4 +262,5 @@ def make_group(ranks: Sequence[int], my_rank: int, domains: Sequence[str], libra
         pg = dist.new_group(ranks=ranks, backend=library, timeout=timeout)
     if my_rank not in ranks:
         return None
-    return CommGroup(ranks, my_rank, pg=pg, bridged=bridged, library=library, name=name, device=device)
+    return CommGroup(ranks, my_rank, pg=pg, bridged=bridged, library=library, name=name, device=device,
+                     unreducible_dtypes=unreducible_dtypes)

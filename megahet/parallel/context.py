@@ -292,7 +292,8 @@ def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
             key = ("h" if hierarchical else "", tuple(ranks))
             if key not in made:
                 made[key] = (_make(ranks, rank, domains, libraries, timeout, f"{kind}{list(ranks)}", device,
-                                   counters, hierarchical, throttle) if len(ranks) > 1 else None)
+                                   counters, hierarchical, throttle, backend.unreducible_dtypes)
+                             if len(ranks) > 1 else None)
             if rank in ranks:
                 group = made[key] or CommGroup(ranks, rank, name=f"{kind}{list(ranks)}", device=device)
                 mine[kind] = group
@@ -301,7 +302,8 @@ def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
     world_bridged = len(set(domains)) > 1
     world = CommGroup(list(range(world_size)), rank,
                       pg=dist.group.WORLD if world_size > 1 else None, bridged=world_bridged,
-                      library="gloo" if world_bridged else libraries[rank], name="world", device=device)
+                      library="gloo" if world_bridged else libraries[rank], name="world", device=device,
+                      unreducible_dtypes=backend.unreducible_dtypes)
     # The world group's job-wide scalars (norms, flags, losses) are not counted: counters show links.
     links = Links(rank, domains, libraries, device, timeout, counters, throttle=throttle)
     where = [(d, k, t) for d, row in enumerate(assignment) for k, ranks in enumerate(row)
@@ -331,11 +333,13 @@ def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
     return ctx
 
 
-def _make(ranks, rank, domains, libraries, timeout, name, device, counters, hierarchical, throttle=None):
+def _make(ranks, rank, domains, libraries, timeout, name, device, counters, hierarchical, throttle=None,
+          unreducible_dtypes: frozenset = frozenset()):
     """A native group, a bridged group, or (for reductions over several domains) a hierarchical one."""
     spanned = list(dict.fromkeys(domains[r] for r in ranks))
     if not hierarchical or len(spanned) == 1:
-        group = make_group(ranks, rank, domains, libraries, timeout, name=name, device=device)
+        group = make_group(ranks, rank, domains, libraries, timeout, name=name, device=device,
+                           unreducible_dtypes=unreducible_dtypes)
         if group is not None:
             group.counters = counters
         return group
@@ -349,7 +353,7 @@ def _make(ranks, rank, domains, libraries, timeout, name, device, counters, hier
     if rank not in ranks:
         return None
     return HierarchicalGroup(ranks, rank, pg, domains, subs, name=name, device=device, counters=counters,
-                             throttle=throttle)
+                             throttle=throttle, unreducible_dtypes=unreducible_dtypes)
 
 
 def single_process_context(backend_name: str = "cpu", **options) -> ParallelContext:

@@ -53,11 +53,13 @@ class HierarchicalGroup(CommGroup):
             single member, its library).
         counters: bytes sent over the bridge and natively.
         throttle: a link_throttle.SiteThrottle for simulated sites, or None.
+        unreducible_dtypes: what this rank's native library cannot reduce (its backend's declaration).
     """
 
     def __init__(self, ranks: Sequence[int], my_rank: int, pg, domains: Sequence[str],
                  sub_groups: Dict[str, Tuple[object, str]], name: str = "", device: Optional[torch.device] = None,
-                 counters: Optional[LinkCounters] = None, throttle=None):
+                 counters: Optional[LinkCounters] = None, throttle=None,
+                 unreducible_dtypes: frozenset = frozenset()):
         super().__init__(ranks, my_rank, pg=pg, bridged=True, library="gloo", name=name, device=device)
         self.domain_of = {r: domains[r] for r in self.ranks}
         self.domain_order: List[str] = list(dict.fromkeys(domains[r] for r in self.ranks))
@@ -66,7 +68,7 @@ class HierarchicalGroup(CommGroup):
         mine = domains[my_rank]
         sub_pg, lib = sub_groups[mine]
         self.sub = CommGroup(self.members[mine], my_rank, pg=sub_pg, library=lib, name=f"{name}/{mine}",
-                             device=device)
+                             device=device, unreducible_dtypes=unreducible_dtypes)
         self.counters = counters if counters is not None else LinkCounters()
         self.throttle = throttle
         self._worker: Optional[ThreadPoolExecutor] = None
