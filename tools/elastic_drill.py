@@ -20,11 +20,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+
+from megahet.testing import free_port
+from restart_drill import children  # tools/ is this script's directory: sys.path[0]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
@@ -32,12 +34,6 @@ TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4"
         "--lr", "3e-3", "--lr-warmup-iters", "2", "--log-interval", "1", "--eval-interval", "0", "--seed", "11",
         "--distributed-timeout-s", "10", "--save-interval", "5", "--elastic"]
 CLUSTER = "groups:\n  - {name: fast, backend: cpu, devices: 1}\n  - {name: slow, backend: sim, devices: 1, speed: 1.0}\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def agent(workdir: str, name: str, group: str, iters: int, port: int, tag: str) -> subprocess.Popen:
@@ -51,17 +47,6 @@ def agent(workdir: str, name: str, group: str, iters: int, port: int, tag: str) 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MEGAHET_DEVICE_GROUP=group)
     log = open(os.path.join(workdir, f"{tag}_{name}.log"), "w")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-
-
-def children(pid: int) -> set:
-    out = set()
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as fh:
-                out.update(int(c) for c in fh.read().split())
-    except OSError:
-        pass
-    return out
 
 
 def records(path: str) -> list:
