@@ -6,17 +6,12 @@ the same order as Megatron; `exhaustive_blending_indices` is its variant for ble
 size without a target (every sample of every dataset exactly once).
 """
 
-import hashlib
-import json
-import logging
 import os
 
 import numpy as np
 
-from megahet.data.cache import atomic_save_npy, atomic_write_json, file_lock
+from megahet.data.cache import cached_arrays
 from megahet.errors import MegahetError
-
-logger = logging.getLogger("megahet")
 
 
 def parse_data_path(data_path: "list[str] | str") -> list[tuple[float, str]]:
@@ -142,21 +137,6 @@ def _cached_blend(datasets, weights, size, cache_dir, build):
         return build()
     described = [desc() for desc in descriptions]
     description = {"blend_version": 1, "parts": described, "weights": [repr(w) for w in weights], "size": size}
-    key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
     if cache_dir is None:
         cache_dir = os.path.join(os.path.dirname(described[0]["prefix"]), "index_cache")
-    base = os.path.join(cache_dir, f"blend-{key}")
-    paths = [f"{base}-{part}.npy" for part in ("dataset", "sample")]
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-        with file_lock(base + ".lock"):
-            if os.path.isfile(base + ".json"):
-                return tuple(np.load(path, mmap_mode="r") for path in paths)
-            arrays = build()
-            for path, array in zip(paths, arrays):
-                atomic_save_npy(path, array)
-            atomic_write_json(base + ".json", description)  # written last: marks the cache complete
-            return arrays
-    except OSError as error:
-        logger.warning("cannot cache the blend index in %s (%s); building it in memory", cache_dir, error)
-        return build()
+    return cached_arrays(cache_dir, "blend", description, ("dataset", "sample"), build, "blend index")

@@ -4,11 +4,15 @@ The lock makes one rank do the work while the others wait; the rename means a re
 half-written file even where locks do not work (some network filesystems), at worst work is repeated.
 """
 import contextlib
+import hashlib
 import json
+import logging
 import os
 import tempfile
 
 import numpy as np
+
+logger = logging.getLogger("megahet")
 
 try:
     import fcntl
@@ -76,3 +80,28 @@ def atomic_save_npy(path: str, array: np.ndarray) -> None:
     """np.save to `path` atomically (np.save appends .npy to names without it, so write via a handle)."""
     with atomic_open(path) as handle:
         np.save(handle, array, allow_pickle=False)
+
+
+def cached_arrays(cache_dir: str, stem: str, description: dict, parts, build, what: str):
+    """The arrays `build()` returns, cached in `cache_dir` as STEM-KEY-PART.npy (KEY hashes `description`).
+
+    One rank builds under a lock while the others wait; STEM-KEY.json, written last, marks the cache
+    complete, and later calls map the arrays read-only. Where the directory cannot be written the
+    arrays are built in memory (logged with `what`).
+    """
+    key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
+    base = os.path.join(cache_dir, f"{stem}-{key}")
+    paths = [f"{base}-{part}.npy" for part in parts]
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        with file_lock(base + ".lock"):
+            if os.path.isfile(base + ".json"):
+                return tuple(np.load(path, mmap_mode="r") for path in paths)
+            arrays = build()
+            for path, array in zip(paths, arrays):
+                atomic_save_npy(path, array)
+            atomic_write_json(base + ".json", description)  # written last: marks the cache complete
+            return arrays
+    except OSError as error:
+        logger.warning("cannot cache the %s in %s (%s); building it in memory", what, cache_dir, error)
+        return build()

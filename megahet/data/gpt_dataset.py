@@ -10,14 +10,12 @@ last epoch's samples apart under the same rule). Sample i starts at token i * se
 is stored as (position in the document order, offset), so reading it touches only its own documents.
 RandomState's stream is frozen by numpy, so every machine and numpy version builds the same order.
 """
-import hashlib
-import json
 import logging
 import os
 
 import numpy as np
 
-from megahet.data.cache import atomic_save_npy, atomic_write_json, file_lock
+from megahet.data.cache import cached_arrays
 from megahet.data.indexed_dataset import IndexedDataset
 from megahet.errors import MegahetError
 
@@ -157,25 +155,10 @@ class GPTDataset:
 
     def _load_or_build(self, cache_dir):
         description = self._description()
-        key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
         if cache_dir is None:
             cache_dir = os.path.join(os.path.dirname(description["prefix"]), "index_cache")
-        base = os.path.join(cache_dir, f"{os.path.basename(self.indexed.path_prefix)}-{key}")
-        paths = [f"{base}-{part}.npy" for part in ("doc", "sample", "shuffle")]
-        try:
-            os.makedirs(cache_dir, exist_ok=True)
-            with file_lock(base + ".lock"):
-                if os.path.isfile(base + ".json"):
-                    return tuple(np.load(path, mmap_mode="r") for path in paths)
-                arrays = self._build()
-                for path, array in zip(paths, arrays):
-                    atomic_save_npy(path, array)
-                atomic_write_json(base + ".json", description)  # written last: marks the cache complete
-                return arrays
-        except OSError as error:
-            logger.warning("cannot cache the %s sample index in %s (%s); building it in memory",
-                           self.name, cache_dir, error)
-            return self._build()
+        return cached_arrays(cache_dir, os.path.basename(self.indexed.path_prefix), description,
+                             ("doc", "sample", "shuffle"), self._build, f"{self.name} sample index")
 
     def _build(self):
         logger.info("building %s sample index: documents %s, seq_length %d, %s samples", self.name,

@@ -48,13 +48,19 @@ def test_blended_dataset_reads_the_right_samples():
         BlendedDataset([[1], [2]], [0.5, 0.5], 4)
 
 
-def test_build_blend_from_data_path(tmp_path):
+def _two_datasets(tmp_path):
+    """Prefixes of datasets A and B: 50 documents of 30 tokens each, all 0 in A and all 1 in B."""
     prefixes = []
     for d, name in enumerate("AB"):
         builder = IndexedDatasetBuilder(str(tmp_path / name), vocab_size=3)
         for _ in range(50):
             builder.add_document([d] * 30)
         prefixes.append(builder.finalize())
+    return prefixes
+
+
+def test_build_blend_from_data_path(tmp_path):
+    prefixes = _two_datasets(tmp_path)
     train, valid, _ = build_datasets(["0.75", prefixes[0], "0.25", prefixes[1]], "90,10,0", 8, 1, (200, 20, 0),
                                      NullTokenizer(3), cache_dir=str(tmp_path / "c"))
     assert len(train) == 200 and len(valid) == 20
@@ -65,12 +71,7 @@ def test_build_blend_from_data_path(tmp_path):
 def test_blend_index_is_cached_and_reused(tmp_path, monkeypatch):
     """The blend's index is built once, written next to the sample indices, and read back identically."""
     import megahet.data.blended_dataset as blended_module
-    prefixes = []
-    for d, name in enumerate("AB"):
-        builder = IndexedDatasetBuilder(str(tmp_path / name), vocab_size=3)
-        for _ in range(50):
-            builder.add_document([d] * 30)
-        prefixes.append(builder.finalize())
+    prefixes = _two_datasets(tmp_path)
     args = (["0.75", prefixes[0], "0.25", prefixes[1]], "90,10,0", 8, 1, (200, 20, 0), NullTokenizer(3))
     first, _, _ = build_datasets(*args, cache_dir=str(tmp_path / "c"))
     assert len(list((tmp_path / "c").glob("blend-*.json"))) == 2  # train and valid blends
