@@ -102,14 +102,22 @@ def test_other_npu_kernels_match_their_schemas(fake_npu):
     assert fake_npu.calls == ["npu_rms_norm", "npu_rotary_mul", "npu_fusion_attention"]
 
 
+def _recording(sig, output_like: str):
+    """A stand-in for a vendor function: binds every call to `sig` (the package's declared signature,
+    so a mismatch fails), records the binding, returns zeros shaped like argument `output_like`."""
+    calls = []
+
+    def fake(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        calls.append(bound)
+        return torch.zeros_like(bound[output_like])
+
+    return fake, calls
+
+
 def test_flash_attn_call_matches_flash_attn_func():
-    sig, calls = py_signature("flash_attn", "flash_attn_func"), []
-
-    def flash_attn_func(*args, **kwargs):
-        b = sig.bind(*args, **kwargs)
-        calls.append(b)
-        return torch.zeros_like(b["q"])
-
+    sig = py_signature("flash_attn", "flash_attn_func")
+    flash_attn_func, calls = _recording(sig, "q")
     attention = make_causal_attention(flash_attn_func, on_device=lambda t: True)
     q = torch.zeros(2, 8, 4, 64, dtype=BF16)
     k = torch.zeros(2, 8, 2, 64, dtype=BF16)
@@ -120,13 +128,7 @@ def test_flash_attn_call_matches_flash_attn_func():
 
 
 def test_apex_call_matches_fused_rms_norm_affine():
-    sig, calls = py_signature("apex", "fused_rms_norm_affine"), []
-
-    def fused_rms_norm_affine(*args, **kwargs):
-        b = sig.bind(*args, **kwargs)
-        calls.append(b)
-        return torch.zeros_like(b["input"])
-
+    fused_rms_norm_affine, calls = _recording(py_signature("apex", "fused_rms_norm_affine"), "input")
     rms = make_rms_norm(fused_rms_norm_affine, on_device=lambda t: True)
     x = torch.zeros(3, 32, dtype=BF16)
     rms(x, torch.ones(32, dtype=BF16), 1e-6)
