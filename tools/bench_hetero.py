@@ -9,16 +9,19 @@
    the same four processes. Bandwidth = tensor bytes / time (algorithm bandwidth).
    Both pairs alternate inside one run, so machine load hits both sides alike.
 3. Plans on a cpu(1) + sim(0.5) cluster, each measured by training a small 12-layer GPT for a few
-   steps: data parallel with the batch split 2:1 (16 + 8 samples) against the ideal, the sum of each
-   device's throughput alone on the same per-device work (16 samples on the cpu, 8 on the sim); and
-   a pipeline with the layers split 2:1 (8 + 4), whose balance is the sum of stage compute times /
-   (stages x the largest). The two alone jobs run at the same time (`--no-together`: one by one):
-   on a host with as many cores as the plan has ranks, a job alone would otherwise get the spare
-   core's memory bandwidth and caches that neither rank of the plan gets. The alone and plan runs
-   are interleaved for `--rounds` rounds and the median of each is used, so a change in machine
-   load between runs hits all of them alike.
+   steps, hand-balanced the way an engineer balances a plan: first each device trains alone on the
+   nominal 2:1 work (calibration); their measured throughputs give the split. Sharing this host with
+   a cpu rank, sim(0.5) runs at 0.41-0.48 of the CPU, not 0.5: its compute always overlaps the other
+   rank's compute (memory bandwidth), while the cpu rank's overlaps the sim's only about half the
+   time, the rest being the sim's idling. Then, per round: each device alone on its share (the
+   ideal is the sum of their throughputs), data parallel with the batch split by the measured speeds
+   (`--gbs` samples in micro-batches of 1), and a pipeline with the 12 layers split by them, whose
+   balance is the sum of stage compute times / (stages x the largest). The two alone jobs run at the
+   same time (`--no-together`: one by one), since each rank of a plan shares the host with the other.
+   Rounds are interleaved and the median of each measurement is used, so a change in machine load
+   between runs hits all of them alike.
 
-    python tools/bench_hetero.py [--mb 16 --reps 9 --iters 6 --rounds 2]
+    python tools/bench_hetero.py [--mb 16 --reps 9 --iters 6 --rounds 2 --gbs 24]
 
 Figures are noisy when other jobs share the CPUs; ratios are the meaningful part.
 """
@@ -39,7 +42,8 @@ from megahet.parallel.links import Recv, Send
 from megahet.testing import run_distributed
 from megahet.training.pretrain import pretrain
 
-MODEL = dict(num_layers=12, hidden_size=256, num_attention_heads=4, seq_length=128, mock_data=True, vocab_size=512,
+NUM_LAYERS = 12
+MODEL = dict(num_layers=NUM_LAYERS, hidden_size=256, num_attention_heads=4, seq_length=128, mock_data=True, vocab_size=512,
              make_vocab_size_divisible_by=8, lr=1e-3, min_lr=1e-4, lr_warmup_iters=1, log_interval=1,
              eval_interval=0, seed=3, distributed_timeout_s=120,
              overlap_grad_reduce=True)  # data parallel: bucket reductions run while backward continues
@@ -125,41 +129,60 @@ def _run_plan(tmp, name, world, cluster, plan, iters, gbs):
     return tokens, steady
 
 
-def _plans(iters: int, rounds: int, together: bool):
-    runs = {
-        # name: (world, cluster, plan, global batch)
-        "alone_cpu": (1, ALONE["cpu"], "layers: [12]\npipelines:\n"
-                      "  - {micro_batch_size: 2, micro_batches: 8, stages: [{group: fast}]}\n", 16),
-        "alone_sim": (1, ALONE["sim"], "layers: [12]\npipelines:\n"
-                      "  - {micro_batch_size: 2, micro_batches: 4, stages: [{group: slow}]}\n", 8),
-        "dp": (2, CLUSTER, "layers: [12]\npipelines:\n"
-               "  - {micro_batch_size: 2, micro_batches: 8, stages: [{group: fast}]}\n"
-               "  - {micro_batch_size: 2, micro_batches: 4, stages: [{group: slow}]}\n", 24),
-        "pp": (2, CLUSTER, "layers: [8, 4]\npipelines:\n"
-               "  - {micro_batch_size: 2, micro_batches: 8, stages: [{group: fast}, {group: slow}]}\n", 16),
-    }
-    tokens = {name: [] for name in runs}
+def _one_stage(group: str, micro_batches: int, mbs: int = 1) -> str:
+    return (f"layers: [{NUM_LAYERS}]\npipelines:\n"
+            f"  - {{micro_batch_size: {mbs}, micro_batches: {micro_batches}, stages: [{{group: {group}}}]}}\n")
+
+
+def _alone_pair(tmp, tag, cpu_samples, sim_samples, iters, together):
+    """Tokens/s of the cpu alone on `cpu_samples` per step and the sim alone on `sim_samples`."""
+    jobs = {"cpu": (1, ALONE["cpu"], _one_stage("fast", cpu_samples), iters, cpu_samples),
+            "sim": (1, ALONE["sim"], _one_stage("slow", sim_samples), iters, sim_samples)}
+    if not together:
+        return {k: _run_plan(tmp, f"{tag}_{k}", *job)[0] for k, job in jobs.items()}
+    with ThreadPoolExecutor(2) as pool:  # both at once: each shares the host as the plan's two ranks do
+        futures = {k: pool.submit(_run_plan, tmp, f"{tag}_{k}", *job) for k, job in jobs.items()}
+        return {k: f.result()[0] for k, f in futures.items()}
+
+
+def balanced_split(total: int, ratio: float) -> tuple:
+    """Whole units (samples or layers) for the cpu and the sim device, proportional to their measured
+    per-unit speeds (`ratio` = sim / cpu), each at least one: what balancing a plan by hand means."""
+    sim = min(total - 1, max(1, round(total * ratio / (1 + ratio))))
+    return total - sim, sim
+
+
+def _plans(iters: int, rounds: int, together: bool, gbs: int):
+    """Calibrate, then `rounds` interleaved rounds of: both devices alone on the balanced work, data
+    parallel with the balanced split, the pipeline with balanced layers."""
+    tokens = {"alone_cpu": [], "alone_sim": [], "dp": [], "pp": []}
     balances = []
     with tempfile.TemporaryDirectory() as tmp:
+        # Calibration: each device alone on the nominal 2:1 work; their per-sample speeds set the split.
+        nominal = (gbs * 2 // 3, gbs - gbs * 2 // 3)
+        cal = _alone_pair(tmp, "cal", *nominal, iters, together)
+        ratio = cal["sim"] / cal["cpu"]  # tokens/s are per-device throughputs: their ratio is the speed ratio
+        cpu_n, sim_n = balanced_split(gbs, ratio)
+        layers = balanced_split(NUM_LAYERS, ratio)
+        dp_plan = (f"layers: [{NUM_LAYERS}]\npipelines:\n"
+                   f"  - {{micro_batch_size: 1, micro_batches: {cpu_n}, stages: [{{group: fast}}]}}\n"
+                   f"  - {{micro_batch_size: 1, micro_batches: {sim_n}, stages: [{{group: slow}}]}}\n")
+        pp_plan = (f"layers: [{layers[0]}, {layers[1]}]\npipelines:\n"
+                   "  - {micro_batch_size: 2, micro_batches: 8, stages: [{group: fast}, {group: slow}]}\n")
         for r in range(rounds):
-            if together:  # both alone jobs at once: each shares the host as the plan's two ranks do
-                with ThreadPoolExecutor(2) as pool:
-                    jobs = {name: pool.submit(_run_plan, tmp, f"{name}{r}", *runs[name][:3], iters, runs[name][3])
-                            for name in ("alone_cpu", "alone_sim")}
-                    for name, job in jobs.items():
-                        tokens[name].append(job.result()[0])
-            for name, (world, cluster, plan, gbs) in runs.items():
-                if together and name.startswith("alone"):
-                    continue
-                t, steady = _run_plan(tmp, f"{name}{r}", world, cluster, plan, iters, gbs)
-                tokens[name].append(t)
-                if name == "pp":
-                    for rec in steady:
-                        compute = [s["compute_s"] for s in rec["stages"].values()]
-                        balances.append(sum(compute) / (len(compute) * max(compute)))
+            alone = _alone_pair(tmp, f"alone{r}", cpu_n, sim_n, iters, together)
+            tokens["alone_cpu"].append(alone["cpu"])
+            tokens["alone_sim"].append(alone["sim"])
+            tokens["dp"].append(_run_plan(tmp, f"dp{r}", 2, CLUSTER, dp_plan, iters, gbs)[0])
+            t, steady = _run_plan(tmp, f"pp{r}", 2, CLUSTER, pp_plan, iters, 16)
+            tokens["pp"].append(t)
+            for rec in steady:
+                compute = [s["compute_s"] for s in rec["stages"].values()]
+                balances.append(sum(compute) / (len(compute) * max(compute)))
     med = {name: statistics.median(v) for name, v in tokens.items()}
     return {"alone": {"cpu": med["alone_cpu"], "sim": med["alone_sim"]}, "dp_tokens": med["dp"],
-            "pp_tokens": med["pp"], "balance": statistics.median(balances), "all": tokens}
+            "pp_tokens": med["pp"], "balance": statistics.median(balances), "all": tokens,
+            "ratio": ratio, "calibration": cal, "split": (cpu_n, sim_n), "layers": layers}
 
 
 def main():
@@ -168,6 +191,7 @@ def main():
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--iters", type=int, default=6, help="training steps per plan run")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the alone and plan runs")
+    ap.add_argument("--gbs", type=int, default=24, help="samples per data-parallel step (micro-batches of 1)")
     ap.add_argument("--together", action=argparse.BooleanOptionalAction, default=True,
                     help="run the cpu-alone and sim-alone jobs at the same time (default), so each shares "
                          "this host's cores as the plan's two ranks do; --no-together runs them one by one")
@@ -193,13 +217,18 @@ def _comm(args, env):
 
 
 def _report_plans(args):
-    plans = _plans(args.iters, args.rounds, args.together)
+    plans = _plans(args.iters, args.rounds, args.together, args.gbs)
+    cal, (cpu_n, sim_n), layers = plans["calibration"], plans["split"], plans["layers"]
+    print(f"calibration (each device alone on the nominal 2:1 work): cpu {cal['cpu']:.0f} tokens/s, sim(0.5) "
+          f"{cal['sim']:.0f} tokens/s -> sim runs at {plans['ratio']:.3f} of the cpu; hand-balanced split "
+          f"{cpu_n} + {sim_n} samples, layers {layers[0]} + {layers[1]}")
     ideal = plans["alone"]["cpu"] + plans["alone"]["sim"]
-    print(f"alone: cpu {plans['alone']['cpu']:.0f} tokens/s, sim(0.5) {plans['alone']['sim']:.0f} tokens/s, "
-          f"ideal sum {ideal:.0f}")
-    print(f"data parallel 16+8 samples: {plans['dp_tokens']:.0f} tokens/s -> {plans['dp_tokens'] / ideal:.0%} of ideal")
-    print(f"pipeline layers 8+4: {plans['pp_tokens']:.0f} tokens/s ({plans['pp_tokens'] / ideal:.0%} of ideal), "
-          f"stage balance {plans['balance']:.0%}")
+    print(f"alone: cpu {plans['alone']['cpu']:.0f} tokens/s ({cpu_n} samples), sim(0.5) {plans['alone']['sim']:.0f} "
+          f"tokens/s ({sim_n} samples), ideal sum {ideal:.0f}")
+    print(f"data parallel {cpu_n}+{sim_n} samples: {plans['dp_tokens']:.0f} tokens/s -> "
+          f"{plans['dp_tokens'] / ideal:.0%} of ideal")
+    print(f"pipeline layers {layers[0]}+{layers[1]}: {plans['pp_tokens']:.0f} tokens/s, stage balance "
+          f"{plans['balance']:.0%}")
     print("tokens/s per round: " + ", ".join(f"{k} {[round(v) for v in vs]}" for k, vs in plans["all"].items()))
 
 

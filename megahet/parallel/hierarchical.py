@@ -200,15 +200,21 @@ class HierarchicalGroup(CommGroup):
         for d in self.domain_order:  # one fixed order: every member computes the same bits
             have = [pieces[s] for s in self.members[d] if s in pieces]
             if len(have) == 1 and have[0][:2] == want:
-                parts.append(have[0][2])  # one shard covers it: use it as it is (read only below)
+                parts.append(have[0][2])  # one shard covers it: use it as it is
             else:
                 part = torch.zeros(want[1] - want[0], dtype=partial.dtype, device=partial.device)  # [|want|]
                 for a, b, t in have:
                     part[a - want[0]:b - want[0]] = t
                 parts.append(part)
-        # A buffer of our own: the parts may view the caller's tensor.
-        total = _COMBINE[op](parts[0], parts[1], out=self._buffer("total", want[1] - want[0], partial.dtype,
-                                                                   partial.device))
+        # The first combine may write into our own partial when it is one of its two operands (the op is
+        # commutative, so the bits are the same; the sends that read it have completed): the result then
+        # already sits where the all-gather wants it. Otherwise a buffer of our own.
+        own = pieces.get(me, (0, 0, None))[2]
+        if own is not None and own.numel() == want[1] - want[0] and any(p is own for p in parts[:2]):
+            out = own
+        else:
+            out = self._buffer("total", want[1] - want[0], partial.dtype, partial.device)
+        total = _COMBINE[op](parts[0], parts[1], out=out)
         for part in parts[2:]:
             _COMBINE[op](total, part, out=total)
         return total
@@ -282,7 +288,8 @@ class HierarchicalGroup(CommGroup):
         members = self.members[self.domain_of[self.my_rank]]
         n, j = len(members), self.sub.rank
         right, left = members[(j + 1) % n], members[(j - 1) % n]
-        out[j * per:(j + 1) * per] = chunk
+        if out[j * per:].data_ptr() != chunk.data_ptr():  # the combine may have written it in place already
+            out[j * per:(j + 1) * per] = chunk
         with wait_clock.waiting():
             for step in range(n - 1):
                 s, r = (j - step) % n, (j - step - 1) % n

@@ -44,6 +44,16 @@ def test_hierarchical_reduction_is_exact_and_bridges_only_shards():
         torch.testing.assert_close(r["reduce_scatter"], y[2 * i:2 * i + 2].to(torch.bfloat16).float())
 
 
+def test_hierarchical_reduction_over_three_domains_is_exact_on_every_member():
+    """The first combine may write into a member's own partial; a member of the third domain must not."""
+    domains = ["cpu", "cpu", "simA", "simB", "simB"]
+    res = run_distributed(hierarchical_collectives, 5, domains, timeout=90)
+    total = sum(torch.arange(10, dtype=torch.float32) * (r + 1) + 0.25 for r in range(5))
+    for r in res:
+        assert torch.equal(r["all_reduce"], total)
+        assert r["max"] == 4.0
+
+
 CPU_SIM = cluster_text(("fast", "cpu", 1), ("slow", "sim", 1))
 
 
