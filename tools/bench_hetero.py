@@ -19,7 +19,9 @@
    balance is the sum of stage compute times / (stages x the largest). The two alone jobs run at the
    same time (`--no-together`: one by one), since each rank of a plan shares the host with the other.
    Rounds are interleaved and the median of each measurement is used, so a change in machine load
-   between runs hits all of them alike.
+   between runs hits all of them alike. With `--rebalance` (default) each round also runs data
+   parallel from the nominal 2:1 split with the runtime's `--rebalance`, which measures the
+   replicas and moves micro-batches itself.
 
     python tools/bench_hetero.py [--mb 16 --reps 9 --iters 6 --rounds 2 --gbs 24]
 
@@ -119,9 +121,10 @@ ALONE = {"cpu": "groups:\n  - {name: fast, backend: cpu, devices: 1}\n",
          "sim": "groups:\n  - {name: slow, backend: sim, devices: 1, speed: 0.5}\n"}
 
 
-def _run_plan(tmp, name, world, cluster, plan, iters, gbs):
+def _run_plan(tmp, name, world, cluster, plan, iters, gbs, rebalance=False):
     records = run_distributed(_train, world, {
         "metrics_file": os.path.join(tmp, f"{name}.jsonl"), "train_iters": iters, "global_batch_size": gbs,
+        "rebalance": rebalance,
         "cluster": _write(tmp, f"{name}_cluster.yaml", cluster), "plan": _write(tmp, f"{name}_plan.yaml", plan)},
         timeout=600, env={"MEGAHET_TEST_THREADS": "1"})[0]
     steady = records[1:]  # the first step pays for start-up
@@ -152,10 +155,10 @@ def balanced_split(total: int, ratio: float) -> tuple:
     return total - sim, sim
 
 
-def _plans(iters: int, rounds: int, together: bool, gbs: int):
+def _plans(iters: int, rounds: int, together: bool, gbs: int, rebalance: bool):
     """Calibrate, then `rounds` interleaved rounds of: both devices alone on the balanced work, data
     parallel with the balanced split, the pipeline with balanced layers."""
-    tokens = {"alone_cpu": [], "alone_sim": [], "dp": [], "pp": []}
+    tokens = {"alone_cpu": [], "alone_sim": [], "dp": [], "pp": [], **({"dp_rebalance": []} if rebalance else {})}
     balances = []
     with tempfile.TemporaryDirectory() as tmp:
         # Calibration: each device alone on the nominal 2:1 work; their per-sample speeds set the split.
@@ -167,6 +170,9 @@ def _plans(iters: int, rounds: int, together: bool, gbs: int):
         dp_plan = (f"layers: [{NUM_LAYERS}]\npipelines:\n"
                    f"  - {{micro_batch_size: 1, micro_batches: {cpu_n}, stages: [{{group: fast}}]}}\n"
                    f"  - {{micro_batch_size: 1, micro_batches: {sim_n}, stages: [{{group: slow}}]}}\n")
+        nominal_plan = (f"layers: [{NUM_LAYERS}]\npipelines:\n"
+                        f"  - {{micro_batch_size: 1, micro_batches: {nominal[0]}, stages: [{{group: fast}}]}}\n"
+                        f"  - {{micro_batch_size: 1, micro_batches: {nominal[1]}, stages: [{{group: slow}}]}}\n")
         pp_plan = (f"layers: [{layers[0]}, {layers[1]}]\npipelines:\n"
                    "  - {micro_batch_size: 2, micro_batches: 8, stages: [{group: fast}, {group: slow}]}\n")
         for r in range(rounds):
@@ -174,6 +180,9 @@ def _plans(iters: int, rounds: int, together: bool, gbs: int):
             tokens["alone_cpu"].append(alone["cpu"])
             tokens["alone_sim"].append(alone["sim"])
             tokens["dp"].append(_run_plan(tmp, f"dp{r}", 2, CLUSTER, dp_plan, iters, gbs)[0])
+            if rebalance:  # the nominal 2:1 split, left to the runtime's --rebalance to correct
+                tokens["dp_rebalance"].append(_run_plan(tmp, f"dpr{r}", 2, CLUSTER, nominal_plan, iters, gbs,
+                                                        rebalance=True)[0])
             t, steady = _run_plan(tmp, f"pp{r}", 2, CLUSTER, pp_plan, iters, 16)
             tokens["pp"].append(t)
             for rec in steady:
@@ -181,6 +190,7 @@ def _plans(iters: int, rounds: int, together: bool, gbs: int):
                 balances.append(sum(compute) / (len(compute) * max(compute)))
     med = {name: statistics.median(v) for name, v in tokens.items()}
     return {"alone": {"cpu": med["alone_cpu"], "sim": med["alone_sim"]}, "dp_tokens": med["dp"],
+            "dp_rebalance_tokens": med.get("dp_rebalance"), "nominal": nominal,
             "pp_tokens": med["pp"], "balance": statistics.median(balances), "all": tokens,
             "ratio": ratio, "calibration": cal, "split": (cpu_n, sim_n), "layers": layers}
 
@@ -191,6 +201,8 @@ def main():
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--iters", type=int, default=6, help="training steps per plan run")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the alone and plan runs")
+    ap.add_argument("--rebalance", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run data parallel from the nominal 2:1 split with --rebalance")
     ap.add_argument("--gbs", type=int, default=24, help="samples per data-parallel step (micro-batches of 1)")
     ap.add_argument("--together", action=argparse.BooleanOptionalAction, default=True,
                     help="run the cpu-alone and sim-alone jobs at the same time (default), so each shares "
@@ -217,7 +229,7 @@ def _comm(args, env):
 
 
 def _report_plans(args):
-    plans = _plans(args.iters, args.rounds, args.together, args.gbs)
+    plans = _plans(args.iters, args.rounds, args.together, args.gbs, args.rebalance)
     cal, (cpu_n, sim_n), layers = plans["calibration"], plans["split"], plans["layers"]
     print(f"calibration (each device alone on the nominal 2:1 work): cpu {cal['cpu']:.0f} tokens/s, sim(0.5) "
           f"{cal['sim']:.0f} tokens/s -> sim runs at {plans['ratio']:.3f} of the cpu; hand-balanced split "
@@ -227,6 +239,10 @@ def _report_plans(args):
           f"tokens/s ({sim_n} samples), ideal sum {ideal:.0f}")
     print(f"data parallel {cpu_n}+{sim_n} samples: {plans['dp_tokens']:.0f} tokens/s -> "
           f"{plans['dp_tokens'] / ideal:.0%} of ideal")
+    if plans["dp_rebalance_tokens"] is not None:
+        n = plans["nominal"]
+        print(f"data parallel from the nominal {n[0]}+{n[1]} split with --rebalance: {plans['dp_rebalance_tokens']:.0f} "
+              f"tokens/s -> {plans['dp_rebalance_tokens'] / ideal:.0%} of ideal")
     print(f"pipeline layers {layers[0]}+{layers[1]}: {plans['pp_tokens']:.0f} tokens/s, stage balance "
           f"{plans['balance']:.0%}")
     print("tokens/s per round: " + ", ".join(f"{k} {[round(v) for v in vs]}" for k, vs in plans["all"].items()))
