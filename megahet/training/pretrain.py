@@ -30,7 +30,7 @@ from megahet.training.flops import model_flops_utilization, tflops_per_device, t
 from megahet.training.loss_scaler import build_loss_scaler
 from megahet.training.lr_schedule import LRScheduler
 from megahet.training.metrics import MetricsLogger
-from megahet.training.rebalance import StragglerMonitor
+from megahet.training.rebalance import StragglerMonitor, saved_split
 from megahet.training.model_builder import build_model_chunks, build_moe_tracker, params_dtype
 from megahet.training.optimizer_setup import build_optimizer
 from megahet.training.trace_export import export_step_trace
@@ -112,7 +112,12 @@ def pretrain(cfg: MegahetConfig) -> dict:
     scheduler = LRScheduler(optimizer, t.lr, t.min_lr, warmup, decay, t.lr_decay_style)
     state = TrainState()
     if cfg.checkpoint.load:
-        resume(cfg, ctx, chunks, optimizer, scheduler, scaler, state, data.vocab_size)
+        meta = resume(cfg, ctx, chunks, optimizer, scheduler, scaler, state, data.vocab_size)
+        counts = saved_split(meta, ctx.plan, t.global_batch_size) if cfg.hetero.rebalance else None
+        if counts is not None:  # continue with the split --rebalance had reached, not the plan file's
+            log.info("resuming with the rebalanced micro-batch counts %s per pipeline", counts)
+            for pipe, n in zip(ctx.plan.pipelines, counts):
+                pipe.micro_batches = n
     mine = ctx.plan.pipelines[ctx.dp_rank]  # this replica's micro-batch size and count (--rebalance edits them)
     dp_sizes = [p.samples for p in ctx.plan.pipelines]
     schedule = schedule_name(cfg, mine.micro_batches)

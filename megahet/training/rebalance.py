@@ -9,7 +9,8 @@ With --rebalance, replica (plan pipeline) r's cost per sample is estimated as (i
 proportional to the measured speeds would make the step at least `min_gain` faster, the running plan's
 per-pipeline micro-batch counts change at the step boundary (micro-batch sizes stay). Uneven replica batches are exact in megahet (losses and gradients are weighted
 by the global batch's tokens, see train_step.py), so only the floating-point reduction order changes,
-never the math or the data order.
+never the math or the data order. Checkpoints record the running plan, so a restart with --rebalance
+continues from the split reached (`saved_split`), not the plan file's.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from megahet.errors import MegahetError
+from megahet.hetero.plan import Plan
 from megahet.parallel.context import ParallelContext
 
 log = logging.getLogger("megahet")
@@ -144,6 +146,29 @@ class Rebalancer:
         if best is not None and predicted_step(best, self.cost) < (1 - self.min_gain) * predicted_step(sizes, self.cost):
             return best
         return list(sizes)
+
+
+def saved_split(meta: Optional[dict], plan, global_batch_size: int) -> Optional[List[int]]:
+    """Per-pipeline micro-batch counts a checkpoint was running with, when its plan is this `plan`
+    re-split by --rebalance (same layers, pipelines, stage groups and micro-batch sizes, same global
+    batch) and differs from it; None otherwise (no plan saved, another plan, an elastic re-plan).
+
+    --rebalance edits the running plan's counts and checkpoints record the running plan, so a restart
+    continues with the measured balance instead of going back to the plan file's split.
+    """
+    raw = (meta or {}).get("plan")
+    if not raw or plan is None:
+        return None
+    try:
+        saved = Plan.from_dict(raw, source="checkpoint plan")
+    except MegahetError:
+        return None
+    shape = lambda p: (list(p.layers), [(q.micro_batch_size, [(s.group, s.tensor_parallel) for s in q.stages])  # noqa: E731
+                                        for q in p.pipelines])
+    if shape(saved) != shape(plan) or sum(q.samples for q in saved.pipelines) != global_batch_size:
+        return None
+    counts = [q.micro_batches for q in saved.pipelines]
+    return None if counts == [q.micro_batches for q in plan.pipelines] else counts
 
 
 class StragglerMonitor:

@@ -69,3 +69,24 @@ def test_rebalancing_after_a_slowdown_keeps_losses_and_recovers_throughput(tmp_p
     pooled = [sum(r["rank_compute_time_s"][i] for r in moved[-4:]) / sum(r["replica_samples"][i] for r in moved[-4:])
               for i in range(2)]  # the raw measurements agree that the slowdown was real and rebalancing mattered
     assert predicted_step(best_split(pooled, 32, [1, 1]), pooled) / predicted_step([16, 16], pooled) < 0.75, pooled
+
+
+def test_restart_with_rebalance_continues_from_the_split_it_reached(tmp_path):
+    """Checkpoints record the running plan; a resumed --rebalance job starts from its counts."""
+    from megahet.training.checkpoint_format import CheckpointReader
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text("groups:\n  - {name: fast, backend: cpu, devices: 1}\n"
+                       "  - {name: slow, backend: sim, devices: 1, speed: 0.2}\n")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("layers: [4]\npipelines:\n"
+                    "  - {micro_batch_size: 1, micro_batches: 16, stages: [{group: fast}]}\n"
+                    "  - {micro_batch_size: 1, micro_batches: 16, stages: [{group: slow}]}\n")
+    common = {"global_batch_size": 32, "micro_batch_size": 1, "cluster": str(cluster), "plan": str(plan),
+              "rebalance": True, "save": str(tmp_path / "ckpt"), "save_interval": 5}
+    first = run_distributed(train, 2, {**common, "metrics_file": str(tmp_path / "a.jsonl"), "train_iters": 5},
+                            timeout=300)[0]
+    saved = [p["micro_batches"] for p in CheckpointReader(str(tmp_path / "ckpt")).meta["plan"]["pipelines"]]
+    assert saved != [16, 16] and sum(saved) == 32, [r["replica_samples"] for r in first]  # sim at 0.2 got less
+    resumed = run_distributed(train, 2, {**common, "metrics_file": str(tmp_path / "b.jsonl"), "train_iters": 7,
+                                         "load": str(tmp_path / "ckpt")}, timeout=300)[0]
+    assert resumed[0]["iteration"] == 6 and resumed[0]["replica_samples"] == saved, resumed[0]

@@ -38,3 +38,21 @@ def test_best_split_keeps_each_replicas_micro_batch_size():
                     for a in range(1, 12) for b in range(1, 6) if 24 - a * 2 - b * 4 >= 1)
         assert sum(got) == 24 and got[0] % 2 == 0 and got[1] % 4 == 0 and predicted_step(got, costs) == brute
     assert best_split([1.0, 1.0], 7, [2, 4]) is None  # 7 samples cannot be cut into 2s and 4s
+
+
+def test_saved_split_resumes_only_the_same_plan_re_split():
+    from megahet.hetero.plan import Plan
+    from megahet.training.rebalance import saved_split
+
+    def plan(a, b, slow="slow", mbs=1):
+        return Plan.from_dict({"layers": [4], "pipelines": [
+            {"micro_batch_size": 1, "micro_batches": a, "stages": [{"group": "fast"}]},
+            {"micro_batch_size": mbs, "micro_batches": b, "stages": [{"group": slow}]}]})
+
+    running = plan(16, 16)
+    assert saved_split({"plan": plan(26, 6).to_dict()}, running, 32) == [26, 6]
+    assert saved_split({"plan": plan(16, 16).to_dict()}, running, 32) is None  # nothing moved
+    assert saved_split({"plan": plan(26, 6, slow="other").to_dict()}, running, 32) is None  # another plan
+    assert saved_split({"plan": plan(26, 3, mbs=2).to_dict()}, running, 32) is None  # other micro-batch sizes
+    assert saved_split({"plan": plan(20, 6).to_dict()}, running, 32) is None  # another global batch
+    assert saved_split({}, running, 32) is None and saved_split(None, running, 32) is None
