@@ -97,16 +97,23 @@ def predict_case(cluster_raw, layout, model, profile, links_prof):
             s.pop("ranks", None)
     spec = cm.ModelSpec.from_config(cfg)
     groups = cluster_groups(cluster, profile)
-    links = cm.Links.from_cluster(cluster.links)
-    for kind, (bw, lat) in links_prof.items():
-        if kind not in cluster.links:  # measured here unless the spec sets the link (simulated sites)
-            links.bandwidth[kind], links.latency[kind] = bw, lat
+    # Measured here unless the spec sets the link (simulated sites).
+    links = cm.Links.from_cluster(cluster.links).apply_measured(links_prof, cluster.links)
     opts = Options(recompute=cfg.train.recompute_granularity,
                    distributed_optimizer=cfg.parallel.use_distributed_optimizer)
     return predict(plan, spec, groups, links, opts), cfg
 
 
-def run_case(cluster_raw, layout, model, iters, port):
+def case_profile(cfg, cluster_raw):
+    """The CPU profile of a case's model, measured fresh (the host's load changes)."""
+    return load_or_measure(cfg.model, params_dtype(cfg), threads=1, repeats=5,
+                           micro_batch_sizes=(cfg.train.micro_batch_size,), vocab_size=cfg.model.vocab_size,
+                           use_cache=False)
+
+
+def run_case(cluster_raw, layout, model, iters, port, detail=False):
+    """Median step time after two warm-up steps; with detail, also the median compute seconds of each
+    pipeline stage (the slowest rank's forward/backward, sim stretching included) from the metrics."""
     with tempfile.TemporaryDirectory() as tmp:
         cpath = os.path.join(tmp, "cluster.yaml")
         import yaml
@@ -123,8 +130,13 @@ def run_case(cluster_raw, layout, model, iters, port):
         if proc.returncode:
             raise RuntimeError(proc.stderr[-2000:])
         with open(metrics) as fh:
-            steps = [json.loads(line)["step_time_s"] for line in fh]
-    return statistics.median(steps[2:]) if len(steps) > 3 else steps[-1]
+            rows = [json.loads(line) for line in fh]
+    rows = rows[2:] if len(rows) > 3 else rows[-1:]
+    step = statistics.median(r["step_time_s"] for r in rows)
+    if not detail:
+        return step
+    compute = [statistics.median(r["stages"][k]["compute_s"] for r in rows) for k in sorted(rows[0]["stages"])]
+    return step, compute
 
 
 def autoplan_pipeline(iters: int, rounds: int = 2):
@@ -263,6 +275,7 @@ def main():
     ap.add_argument("--iters", type=int, default=6)
     ap.add_argument("--only", default=None, help="comma-separated case names")
     ap.add_argument("--autoplan", action="store_true", help="only the auto-plan quality measurement (pipeline)")
+    ap.add_argument("--detail", action="store_true", help="also per-stage compute, predicted and measured")
     ap.add_argument("--memory", action="store_true", help="only predicted vs measured peak memory")
     ap.add_argument("--together", action="store_true", help="--autoplan-dp: run the two alone jobs at once")
     ap.add_argument("--autoplan-dp", action="store_true", help="only the auto-plan quality measurement (data "
@@ -280,27 +293,36 @@ def main():
         return
     names = args.only.split(",") if args.only else list(CASES)
     links_prof = measure_links()
-    print(f"gloo link here: {links_prof['intra_node'][0] / 1e9:.2f} GB/s, "
-          f"{links_prof['intra_node'][1] * 1e6:.0f} us latency")
+    print("gloo here (after compute, mean): " + "; ".join(
+        f"{k.split('/')[-1] if '/' in k else 'pipeline message'} {bw / 1e9:.2f} GB/s {lat * 1e6:.0f} us"
+        for k, (bw, lat) in links_prof.items() if k.startswith("intra_node")))
     print(f"{'case':<22} {'predicted s':>11} {'measured s':>11} {'error':>7}   plan")
     errors = []
     for i, name in enumerate(names):
         cluster_raw, layout, model = CASES[name]
         cfg = build_config(overrides={**MODEL, **model, "mock_data": True, "train_iters": 10}, validate=False)
         def profiled():
-            prof = load_or_measure(cfg.model, params_dtype(cfg), threads=1, repeats=5,
-                                   micro_batch_sizes=(cfg.train.micro_batch_size,), vocab_size=cfg.model.vocab_size,
-                                   use_cache=False)
-            return predict_case(cluster_raw, layout, model, prof, links_prof)[0].step_time_s
+            return predict_case(cluster_raw, layout, model, case_profile(cfg, cluster_raw), links_prof)[0]
 
         # Profile before and after the run and average: the host's load drifts over minutes.
         before = profiled()
-        measured = run_case(cluster_raw, layout, model, args.iters, 29700 + i)
-        predicted = (before + profiled()) / 2
+        measured, compute = run_case(cluster_raw, layout, model, args.iters, 29700 + i, detail=True)
+        after = profiled()
+        predicted = (before.step_time_s + after.step_time_s) / 2
         err = predicted / measured - 1
         errors.append(abs(err))
         desc = ", ".join(f"{k}={v}" for k, v in layout.items()) or "dp"
         print(f"{name:<22} {predicted:>11.3f} {measured:>11.3f} {err * 100:>+6.1f}%   {desc}", flush=True)
+        if args.detail:
+            world = sum(g["devices"] for g in cluster_raw["groups"])
+            dp = world // (layout.get("tensor_model_parallel_size", 1) * layout.get("pipeline_model_parallel_size", 1))
+            m = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+            busy = [m * (a.fwd_s + a.bwd_s + b.fwd_s + b.bwd_s) / 2 for a, b in zip(before.stages, after.stages)]
+            print(f"{'':<22} compute per stage predicted {', '.join(f'{x:.3f}' for x in busy)} measured "
+                  f"{', '.join(f'{x:.3f}' for x in compute)}; predicted pipeline "
+                  f"{(before.pipeline_time_s + after.pipeline_time_s) / 2:.3f} + dp "
+                  f"{(before.dp_exposed_s + after.dp_exposed_s) / 2:.3f} + optimizer "
+                  f"{(before.optimizer_s + after.optimizer_s) / 2:.3f} s", flush=True)
     print(f"mean |error| {statistics.mean(errors) * 100:.1f}%, max {max(errors) * 100:.1f}%")
 
 

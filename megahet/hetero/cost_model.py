@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 from megahet.errors import MegahetError
 from megahet.training.flops import transformer_flops_per_token
@@ -125,9 +125,16 @@ class GroupSpec:
 
 @dataclass
 class Links:
-    """Bandwidth (bytes/s per direction) and latency (s) per link kind."""
+    """Bandwidth (bytes/s per direction) and latency (s) per link kind.
+
+    `ops` holds per-collective figures measured on this host ("intra_node/all_reduce": (bytes/s, s)),
+    in the ring formulas' terms (see `params`): gloo's collectives cost more per call and per byte than
+    its point-to-point messages (an all-reduce of 4 KB takes ~3 one-way latencies, and it reduces on the
+    CPU), so charging a collective from the point-to-point fit under-counts it.
+    """
     bandwidth: Dict[str, float] = field(default_factory=lambda: {k: v * GB for k, v in DEFAULT_LINKS.items()})
     latency: Dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LATENCY))
+    ops: Dict[str, Tuple[float, float]] = field(default_factory=dict)
 
     @classmethod
     def from_cluster(cls, links: Dict[str, float]) -> "Links":
@@ -138,6 +145,25 @@ class Links:
             elif k in out.bandwidth:
                 out.bandwidth[k] = float(v) * GB
         return out
+
+    def apply_measured(self, measured: Dict[str, Sequence[float]], given: Optional[Dict[str, float]] = None
+                       ) -> "Links":
+        """Take measured figures (profile.measure_links: "kind" or "kind/op" -> [bytes/s, s]) for every
+        link kind the cluster spec does not set itself (`given`: a simulated site's link stays as given)."""
+        for key, (bw, lat) in measured.items():
+            kind, _, op = key.partition("/")
+            if kind in (given or {}) or kind not in self.bandwidth:
+                continue
+            if op:
+                self.ops[key] = (float(bw), float(lat))
+            else:
+                self.bandwidth[kind], self.latency[kind] = float(bw), float(lat)
+        return self
+
+    def params(self, kind: str, op: str = "p2p") -> Tuple[float, float]:
+        """(bytes/s, s per step) of collective `op` on a `kind` link, for the ring formulas below: the
+        per-collective figure measured here when there is one, else the link's own."""
+        return self.ops.get(f"{kind}/{op}") or (self.bandwidth[kind], self.latency[kind])
 
     def between(self, a: GroupSpec, b: GroupSpec, same_node: bool = False) -> str:
         """Kind of the link between a rank of `a` and a rank of `b`."""
@@ -379,16 +405,23 @@ def alltoall_time(nbytes: float, n: int, bw: float, lat: float) -> float:
 def tp_comm_time(spec: ModelSpec, group: GroupSpec, links: Links, mbs: int, tp: int, layers: int) -> float:
     """Forward + backward TP collectives of `layers` layers for one micro-batch (not overlapped).
 
-    Two all-reduces (or all-gather + reduce-scatter under SP: the same bytes) per layer forward, and
-    two in backward, of the [s, b, h] activation. TP stays inside a node.
+    Two all-reduces per layer forward (after the attention projection and the second MLP linear) and
+    two in backward (input gradients of the QKV and first MLP linears), of the [s, b, h] activation;
+    under sequence parallelism each becomes an all-gather and a reduce-scatter of the same bytes. TP
+    stays inside a node.
     """
     if tp <= 1 or layers == 0:
         return 0.0
     nbytes = mbs * spec.seq * spec.hidden * spec.param_bytes
-    bw, lat = links.bandwidth["intra_node"], links.latency["intra_node"]
     if group.profile is not None and getattr(group.profile, "links", None):
-        bw, lat = group.profile.link("intra_node", bw, lat)
-    return 4 * layers * ring_allreduce_time(nbytes, tp, bw, lat)
+        bw, lat = group.profile.link("intra_node", *links.params("intra_node"))
+        return 4 * layers * ring_allreduce_time(nbytes, tp, bw, lat)
+    if spec.sequence_parallel:
+        one = ring_half_time(nbytes, tp, *links.params("intra_node", "all_gather")) + ring_half_time(
+            nbytes, tp, *links.params("intra_node", "reduce_scatter"))
+    else:
+        one = ring_allreduce_time(nbytes, tp, *links.params("intra_node", "all_reduce"))
+    return 4 * layers * one
 
 
 def ep_comm_time(spec: ModelSpec, group: GroupSpec, links: Links, mbs: int, tp: int, ep: int,
@@ -401,9 +434,8 @@ def ep_comm_time(spec: ModelSpec, group: GroupSpec, links: Links, mbs: int, tp: 
     tokens = mbs * spec.seq / (tp if spec.sequence_parallel else 1)
     nbytes = tokens * spec.topk * spec.hidden * spec.param_bytes
     kind = "intra_node" if ep * tp <= group.devices_per_node else "inter_node"
-    bw, lat = links.bandwidth[kind], links.latency[kind]
-    counts = (ep - 1) * lat + (ep - 1) * spec.num_experts * 8 / bw  # all-gather of E int64 counts
-    return moe_layers * (4 * alltoall_time(nbytes, ep, bw, lat) + counts)
+    counts = ring_half_time(ep * spec.num_experts * 8, ep, *links.params(kind, "all_gather"))  # E int64 each
+    return moe_layers * (4 * alltoall_time(nbytes, ep, *links.params(kind, "all_to_all")) + counts)
 
 
 def p2p_bytes(spec: ModelSpec, mbs: int) -> float:
@@ -429,14 +461,19 @@ def dp_reduce_time(grad_bytes: float, members: Sequence[GroupSpec], counts: Sequ
     inner = 0.0
     for g, c in zip(members, counts):
         kind = "intra_node" if c * tp <= g.devices_per_node else "inter_node"
-        bw, lat = links.bandwidth[kind], links.latency[kind]
-        inner = max(inner, ring_half_time(grad_bytes, c, bw, lat) + ring_half_time(gather_bytes, c, bw, lat))
+        if len(parts) == 1 and not distributed_optimizer:  # one library's all-reduce (data_parallel.py)
+            t = ring_allreduce_time(grad_bytes, c, *links.params(kind, "all_reduce"))
+        else:
+            t = ring_half_time(grad_bytes, c, *links.params(kind, "reduce_scatter")) + ring_half_time(
+                gather_bytes, c, *links.params(kind, "all_gather"))
+        inner = max(inner, t)
     if len(parts) == 1:
         return inner
     sites = {s for s, _ in parts}
     cross = "cross_site" if len(sites) > 1 else "cross_domain"
     smallest = min(parts.values())
     shard = grad_bytes / smallest
+    # Shards cross as host-staged point-to-point messages (hierarchical.py), hence the link's own figures.
     return inner + ring_allreduce_time(shard, len(parts), links.bandwidth[cross], links.latency[cross])
 
 

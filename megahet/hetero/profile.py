@@ -272,47 +272,94 @@ def _adam_seconds_per_param(sync, n: int = 2_000_000) -> float:
     return statistics.median(runs) / n
 
 
-def measure_links(sizes: Sequence[int] = (1 << 12, 1 << 16, 1 << 20, 1 << 23), repeats: int = 5,
-                  timeout: float = 120.0) -> Dict[str, List[float]]:
-    """Fit bandwidth and latency of gloo between two local processes (the intra-node CPU link and,
-    host-staged, the bridge between a cpu and a sim domain) from round-trip times by message size."""
+# Ring formulas of cost_model at 2 ranks: time = steps x latency + share x bytes / bandwidth, where bytes
+# is what the formula takes (all-reduce: the tensor; all-gather / reduce-scatter: the full tensor;
+# all-to-all: everything one rank sends; p2p: one pipeline message, its shape header included).
+_TWO_RANKS = {"p2p": (1, 1.0), "all_reduce": (2, 1.0), "all_gather": (1, 0.5), "reduce_scatter": (1, 0.5),
+              "all_to_all": (1, 0.5)}
+
+
+def measure_links(sizes: Sequence[int] = (1 << 12, 1 << 16, 1 << 18, 1 << 20, 1 << 23), repeats: int = 20,
+                  timeout: float = 300.0) -> Dict[str, List[float]]:
+    """Bandwidth and latency of gloo between two local processes (the intra-node CPU link and, host
+    staged, the bridge between a cpu and a sim domain), fitted by message size for a pipeline message
+    ("intra_node", "cross_domain") and for each collective the runtime issues ("intra_node/all_reduce",
+    ...), in the terms of cost_model's ring formulas (cost_model.Links.params).
+
+    Each message is timed as a training step meets it: right after a few milliseconds of compute on
+    both ranks, averaged (not the median: a step pays every slow one). Back to back on idle ranks a
+    4 KB all-reduce takes ~0.35 ms here; after compute it takes ~2 ms on average (the peer arrives
+    later, gloo's threads must be woken and scheduled), which is what a TP layer's four all-reduces
+    per micro-batch cost in a real step.
+    """
     from megahet.testing import run_distributed
-    res = run_distributed(_pingpong, 2, list(sizes), repeats, timeout=timeout)
-    points = res[0]
-    bw, lat = fit_link(points)
-    return {"intra_node": [bw, lat], "cross_domain": [bw, lat]}
+    res = run_distributed(_link_times, 2, list(sizes), repeats, timeout=timeout,
+                          env={"MEGAHET_TEST_THREADS": "1"})
+    out: Dict[str, List[float]] = {}
+    for op, points in res[0].items():
+        steps, share = _TWO_RANKS[op]
+        bw, lat = fit_link(points)
+        figures = [bw * share, lat / steps]
+        for kind in ("intra_node", "cross_domain"):
+            out[kind if op == "p2p" else f"{kind}/{op}"] = figures
+    return out
 
 
 def fit_link(points: Sequence[Tuple[int, float]]) -> Tuple[float, float]:
-    """Least-squares t = latency + bytes / bandwidth over (bytes, one-way seconds) points."""
-    n = len(points)
-    mx = sum(b for b, _ in points) / n
-    my = sum(t for _, t in points) / n
-    sxx = sum((b - mx) ** 2 for b, _ in points)
-    slope = sum((b - mx) * (t - my) for b, t in points) / sxx if sxx else 0.0
+    """Fit t = latency + bytes / bandwidth over (bytes, seconds) points, minimising the relative error
+    (weights 1/t^2): sizes from 4 KB to 8 MB differ 1000x in time, and a plain least-squares fit would
+    follow the largest and leave the small messages' latency (most of a step's messages) to chance."""
+    w = [1.0 / max(t, 1e-9) ** 2 for _, t in points]
+    sw = sum(w)
+    mx = sum(wi * b for wi, (b, _) in zip(w, points)) / sw
+    my = sum(wi * t for wi, (_, t) in zip(w, points)) / sw
+    sxx = sum(wi * (b - mx) ** 2 for wi, (b, _) in zip(w, points))
+    slope = sum(wi * (b - mx) * (t - my) for wi, (b, t) in zip(w, points)) / sxx if sxx else 0.0
     lat = max(my - slope * mx, 0.0)
     bw = 1.0 / slope if slope > 0 else float("inf")
     return bw, lat
 
 
-def _pingpong(sizes, repeats):
+def _link_times(sizes, repeats):
+    """(bytes, seconds) per size of a pipeline message (shape header + data, one way) and of each
+    collective, on this rank (a run_distributed child of 2 ranks)."""
     import torch.distributed as dist
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    out = []
+    header = torch.zeros(10, dtype=torch.int64)
+    a, w = torch.randn(256, 512), torch.randn(512, 512)
+
+    def message(buf):  # as boundary.StageP2P: the shape header, then the data, waited on together
+        if rank == 0:
+            for w in [dist.isend(header, 1, tag=0), dist.isend(buf, 1, tag=1)]:
+                w.wait()
+            for w in [dist.irecv(header, 1, tag=0), dist.irecv(buf, 1, tag=1)]:
+                w.wait()
+        else:
+            for w in [dist.irecv(header, 0, tag=0), dist.irecv(buf, 0, tag=1)]:
+                w.wait()
+            for w in [dist.isend(header, 0, tag=0), dist.isend(buf, 0, tag=1)]:
+                w.wait()
+
+    out: Dict[str, List[Tuple[int, float]]] = {op: [] for op in _TWO_RANKS}
     for size in sizes:
-        buf = torch.zeros(size // 4)
-        times = []
-        for i in range(repeats + 1):
+        n = max(size // 4, 2) // 2 * 2  # fp32 elements, even so the halves split evenly
+        buf, half = torch.zeros(n), torch.zeros(n // 2)
+        from megahet.parallel.comm import _ALL_GATHER, _REDUCE_SCATTER
+        runs = {"p2p": (lambda: message(buf), 2),
+                "all_reduce": (lambda: dist.all_reduce(buf), 1),
+                "all_gather": (lambda: _ALL_GATHER(buf, half), 1),
+                "reduce_scatter": (lambda: _REDUCE_SCATTER(half, buf), 1),
+                "all_to_all": (lambda: dist.all_to_all_single(torch.empty_like(buf), buf), 1)}
+        for op, (fn, trips) in runs.items():
+            times = []
             dist.barrier()
-            t0 = time.perf_counter()
-            if rank == 0:
-                dist.send(buf, 1)
-                dist.recv(buf, 1)
-            else:
-                dist.recv(buf, 0)
-                dist.send(buf, 0)
-            if i:
-                times.append((time.perf_counter() - t0) / 2)
-        out.append((size, statistics.median(times)))
+            for i in range(repeats + 1):
+                for _ in range(4):  # ~1-5 ms of compute, as between a layer's collectives
+                    a @ w
+                t0 = time.perf_counter()
+                fn()
+                if i:  # the first run warms up
+                    times.append((time.perf_counter() - t0) / trips)
+            out[op].append((n * 4, statistics.mean(times)))
     return out
