@@ -26,6 +26,7 @@ from megahet.hetero.cluster import parse_cluster  # noqa: E402
 from megahet.hetero.plan import Plan, even_layers  # noqa: E402
 from megahet.hetero.planner import cluster_groups  # noqa: E402
 from megahet.hetero.predict import Options, predict  # noqa: E402
+from megahet.hetero.process_memory import runtime_overhead  # noqa: E402
 from megahet.hetero.profile import load_or_measure, measure_links  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -246,12 +247,14 @@ MEMORY_CASES = {
 
 
 def memory_table():
-    """Predicted per-rank memory (parameters, fp32 gradients, Adam state, activations) against the peak
+    """Predicted per-rank memory (parameters, fp32 gradients, Adam state, activations, and what the
+    process holds outside the model, measured by a one-layer probe job: process_memory) against the peak
     anonymous resident memory a one-process cpu run adds while it builds the model and trains 3 steps
     (RssAnon with exact malloc accounting: tensors and everything else the run allocates)."""
     import multiprocessing as mp
     os.environ.update(OMP_NUM_THREADS="1", WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
-    print(f"{'case':<24} {'params':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'predicted':>10} {'measured':>9} "
+    print(f"{'case':<24} {'params':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'reserved':>8} {'predicted':>10} "
+          f"{'measured':>9} "
           f"{'error':>7}   (MB)")
     for name, extra in MEMORY_CASES.items():
         overrides = {**MODEL, **extra, "mock_data": True, "train_iters": 3, "log_interval": 1,
@@ -259,6 +262,7 @@ def memory_table():
         cfg = build_config(overrides=overrides, validate=False)
         prof = load_or_measure(cfg.model, params_dtype(cfg), threads=1, micro_batch_sizes=(cfg.train.micro_batch_size,),
                                vocab_size=cfg.model.vocab_size)
+        prof.reserved_bytes = runtime_overhead(cfg)  # the one-layer probe, cached per model shape
         layout = {k: v for k, v in extra.items() if k == "recompute_granularity"}
         pred, _ = predict_case({"groups": [CPU_SIM["groups"][0]]}, layout, extra, prof, {})
         mem = pred.stages[0].memory
@@ -266,7 +270,7 @@ def memory_table():
             measured = pool.apply(_peak_child, (overrides,))
         mb = 1e6
         print(f"{name:<24} {mem.params / mb:>8.1f} {mem.grads / mb:>8.1f} {mem.optimizer / mb:>8.1f} "
-              f"{mem.activations / mb:>8.1f} {mem.total / mb:>10.1f} {measured / mb:>9.1f} "
+              f"{mem.activations / mb:>8.1f} {mem.reserved / mb:>8.1f} {mem.total / mb:>10.1f} {measured / mb:>9.1f} "
               f"{(mem.total / measured - 1) * 100:>+6.1f}%", flush=True)
 
 

@@ -30,8 +30,11 @@ EFFICIENCY = {"cuda": 0.70, "npu": 0.55, "cpu": 0.5, "sim": 0.5}
 # Per-message latency (s) by link kind; bandwidths default to the design's example figures.
 DEFAULT_LINKS = {"intra_node": 100.0, "inter_node": 25.0, "cross_domain": 10.0, "cross_site": 1.25}
 DEFAULT_LATENCY = {"intra_node": 5e-6, "inter_node": 1e-5, "cross_domain": 1e-4, "cross_site": 1e-2}
-# Memory the runtime holds outside the model per device (CUDA context, NCCL/HCCL buffers, allocator
-# fragmentation), GB. CPU/sim count the model's state only (the process RSS is not the budget).
+# Memory the runtime holds outside the model per device, GB, for devices not measured here: CUDA
+# context, cuBLAS/cuDNN workspaces and NCCL buffers (~3 GB on H100/A100 with PyTorch 2.x), the CANN
+# context and HCCL buffers (~4 GB on Ascend 910B). cpu/sim ranks measure theirs instead (a one-layer
+# job's resident memory beyond its model: process_memory.runtime_overhead, in Profile.reserved_bytes,
+# ~80 MB here); 0 when no such measurement was taken.
 RESERVED_GB = {"cuda": 3.0, "npu": 4.0, "cpu": 0.0, "sim": 0.0}
 # HBM bandwidth used for the optimizer step when no profile exists (bytes/s); per-group override
 # `memory_bandwidth_gbps`. The Adam step touches ~ 4*(2 read+write master, grad, 2 moments) bytes/param.

@@ -689,7 +689,8 @@ def cluster_groups(cluster, profile=None) -> Dict[str, cm.GroupSpec]:
             efficiency=float(getattr(g, "efficiency", None) or cm.EFFICIENCY.get(g.backend, 0.5)),
             memory_bandwidth=float(getattr(g, "memory_bandwidth_gbps", None) or 0) * cm.GB
             or cm.DEFAULT_MEM_BW.get(g.backend, 1e12),
-            reserved_gb=cm.RESERVED_GB.get(g.backend, 0.0), profile=profile if profiled else None)
+            reserved_gb=(profile.reserved_bytes / cm.GB if profiled and getattr(profile, "reserved_bytes", 0.0)
+                         else cm.RESERVED_GB.get(g.backend, 0.0)), profile=profile if profiled else None)
     return out
 
 

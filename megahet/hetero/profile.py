@@ -38,6 +38,7 @@ class Profile:
     optimizer_s_per_param: float = 0.0
     peak_tflops: float = 0.0
     links: Dict[str, List[float]] = field(default_factory=dict)         # kind -> [bytes/s, latency s]
+    reserved_bytes: float = 0.0  # what a rank holds outside the model (process_memory.runtime_overhead)
 
     def time(self, what: str, mbs: int) -> Tuple[float, float]:
         """(fwd, bwd) seconds at micro-batch `mbs`: measured, interpolated between the two measured sizes
