@@ -381,18 +381,22 @@ def make_plan(cand: Candidate, costs: _Costs, gbs: int, spec: cm.ModelSpec, v: i
 
 
 def _round_to_chunks(layers: List[int], v: int, times, extra) -> List[int]:
-    """Make every stage's layer count a multiple of v (interleaving splits stages into v chunks)."""
+    """Layer counts for v chunks per stage: multiples of v (equal chunks) where the total allows, else
+    the balanced counts with at least v layers per stage, which the runtime splits into chunks as evenly
+    as it can (pipeline_layout: 7 layers in 2 chunks are 4 + 3). Llama 3 405B's 126 layers on 16
+    stages, for one, have no split into multiples of 4."""
     L = sum(layers)
-    out = [max(v, round(n / v) * v) for n in layers]
-    while sum(out) > L:
-        j = max((j for j in range(len(out)) if out[j] > v), key=lambda j: out[j] * times[j] + extra[j])
-        out[j] -= v
-    while sum(out) < L:
-        j = min(range(len(out)), key=lambda j: (out[j] + v) * times[j] + extra[j])
-        out[j] += v
-    if sum(out) != L:
-        raise MegahetError("layers do not split into the virtual stages")
-    return out
+    for step in (v, 1):
+        out = [max(v, round(n / step) * step) for n in layers]
+        while sum(out) > L and any(n - step >= v for n in out):
+            j = max((j for j in range(len(out)) if out[j] - step >= v), key=lambda j: out[j] * times[j] + extra[j])
+            out[j] -= step
+        while sum(out) < L:
+            j = min(range(len(out)), key=lambda j: (out[j] + step) * times[j] + extra[j])
+            out[j] += step
+        if sum(out) == L:
+            return out
+    raise MegahetError("layers do not split into the virtual stages")
 
 
 # -- search -----------------------------------------------------------------------------------------
