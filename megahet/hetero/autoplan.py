@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import replace
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -33,13 +33,42 @@ def local_threads(cluster) -> int:
     return max(1, (os.cpu_count() or 1) // local)
 
 
-def profile_for(cfg, cluster, *, measure: bool = True, progress=None, vocab_size: Optional[int] = None):
-    """The CPU profile for the cluster's cpu/sim groups (None when there are none or measure=False)."""
-    if not measure or not any(g.backend in _PROFILED for g in cluster.groups):
+def local_speeds(cluster) -> List[Tuple[str, float]]:
+    """(group, speed) of each cpu/sim rank of the cluster spec in rank order: the ranks the launcher
+    starts on this host (1.0 for cpu)."""
+    return [(g.name, 1.0 if g.backend != "sim" else float(g.speed or 1.0))
+            for g in cluster.groups if g.backend in _PROFILED for _ in range(g.devices)]
+
+
+def measure_profiles(cfg, cluster, *, progress=None, vocab_size: Optional[int] = None):
+    """What `cluster_groups` takes for the cluster's cpu/sim groups: None when there are none; the CPU
+    profile when one rank is local (a sim group scales it by its speed); else {group: its own profile},
+    every local rank measured at the same time, as the job will run them (profile.load_or_measure_together)."""
+    ranks = local_speeds(cluster)
+    if not ranks:
         return None
-    from megahet.hetero.profile import load_or_measure
-    return load_or_measure(cfg.model, params_dtype(cfg), backend="cpu", threads=local_threads(cluster),
-                           vocab_size=vocab_size or cfg.model.vocab_size or 32000, progress=progress)
+    from megahet.hetero.profile import load_or_measure, load_or_measure_together
+    kw = dict(threads=local_threads(cluster), micro_batch_sizes=(1, 2, 4), progress=progress,
+              vocab_size=vocab_size or cfg.model.vocab_size or 32000)
+    if len(ranks) == 1:
+        return load_or_measure(cfg.model, params_dtype(cfg), backend="cpu", **kw)
+    profiles = load_or_measure_together(cfg.model, params_dtype(cfg), [s for _, s in ranks], **kw)
+    out: Dict[str, object] = {}
+    for (group, _), prof in zip(ranks, profiles):
+        out.setdefault(group, prof)  # a group's first rank speaks for it
+    return out
+
+
+def profile_for(cfg, cluster, *, measure: bool = True, progress=None, vocab_size: Optional[int] = None):
+    """measure_profiles, or None when measure=False."""
+    if not measure:
+        return None
+    return measure_profiles(cfg, cluster, progress=progress, vocab_size=vocab_size)
+
+
+def _measured_links(prof) -> Dict[str, List[float]]:
+    profs = prof.values() if isinstance(prof, dict) else [prof] if prof is not None else []
+    return next((p.links for p in profs if p.links), {})
 
 
 def constraints_from_flags(given: Dict[str, object], cfg) -> Constraints:
@@ -71,10 +100,9 @@ def plan_job(cfg, cluster, given: Optional[Dict[str, object]] = None, *, measure
         spec = replace(spec, flash_attention=False)
     groups = cluster_groups(cluster, prof)
     links = cm.Links.from_cluster(cluster.links)
-    if prof is not None and prof.links:
-        for kind, (bw, lat) in prof.links.items():
-            if kind not in (cluster.links or {}):
-                links.bandwidth[kind], links.latency[kind] = bw, lat
+    for kind, (bw, lat) in _measured_links(prof).items():
+        if kind not in (cluster.links or {}):
+            links.bandwidth[kind], links.latency[kind] = bw, lat
     s = settings or Settings(distributed_optimizer=cfg.parallel.use_distributed_optimizer,
                              overlap_grad_reduce=cfg.parallel.overlap_grad_reduce, use_all_devices=not allow_idle)
     c = constraints_from_flags(given or {}, cfg)
@@ -174,16 +202,14 @@ def _uniform_layers(probe, spec, groups, links, mbs, tp, ep, rc, v):
 
 
 def _profile_once(cfg, cluster):
-    """The profile every local rank reads: the first to take the lock measures, the others wait for it."""
+    """The profiles every local rank reads: the first to take the lock measures, the others wait for it."""
     import fcntl
     from megahet.hetero.profile import cache_dir
     os.makedirs(cache_dir(), exist_ok=True)
     with open(os.path.join(cache_dir(), ".auto.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            from megahet.hetero.profile import load_or_measure
-            return load_or_measure(cfg.model, params_dtype(cfg), threads=local_threads(cluster),
-                                   micro_batch_sizes=(1, 2, 4), vocab_size=cfg.model.vocab_size or 32000)
+            return measure_profiles(cfg, cluster)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 

@@ -7,6 +7,11 @@ storage, parameters excluded), with and without recompute; an AdamW step gives s
 Results are cached as JSON under $MEGAHET_CACHE_DIR/profiles keyed by (backend, shape, dtype, threads,
 torch version), so planning again is free. TP degrees are not timed (one process cannot run TP here):
 a TP shard's compute is the layer's time / tp and its collectives come from the link model.
+
+Ranks that will share this host (the cluster's cpu and sim ranks) are profiled together, each in its
+own process at the same time (`load_or_measure_together`), and each group gets its own profile: a sim
+rank slowed by its neighbours, idling as the sim backend does, is measured rather than assumed to run
+at `speed` x an unloaded CPU.
 """
 from __future__ import annotations
 
@@ -86,41 +91,82 @@ def profile_key(backend: str, model_cfg, dtype: torch.dtype, threads: int, mbs: 
 
 def load_or_measure(model_cfg, dtype: torch.dtype, *, backend: str = "cpu", threads: Optional[int] = None,
                     micro_batch_sizes: Sequence[int] = (1, 2, 4), vocab_size: int = 32000,
-                    progress: Optional[Progress] = None, repeats: int = 3, use_cache: bool = True,
-                    co_runners: Sequence[float] = ()) -> Profile:
-    """The cached profile of this model shape on `backend`, measuring it on a miss.
+                    progress: Optional[Progress] = None, repeats: int = 3, use_cache: bool = True) -> Profile:
+    """The cached profile of this model shape on `backend`, measuring it on a miss."""
+    threads = threads or torch.get_num_threads()
+    key = profile_key(backend, model_cfg, dtype, threads, list(micro_batch_sizes))
+    path = os.path.join(cache_dir(), key + ".json")
+    cached = _read_cache(path) if use_cache else None
+    if cached:
+        return Profile(**cached)
+    prof = measure(model_cfg, dtype, backend=backend, threads=threads, micro_batch_sizes=micro_batch_sizes,
+                   vocab_size=vocab_size, progress=progress, repeats=repeats)
+    prof.key = key
+    _write_cache(path, asdict(prof))
+    return prof
 
-    co_runners: speeds (1.0 for cpu, the sim speed for sim) of the other ranks that will share this
-    host; they run the same measurement at the same time (sim ones idling as a sim rank does), so the
-    times include the contention the real job sees.
+
+def load_or_measure_together(model_cfg, dtype: torch.dtype, speeds: Sequence[float], *,
+                             threads: Optional[int] = None, micro_batch_sizes: Sequence[int] = (1, 2, 4),
+                             vocab_size: int = 32000, progress: Optional[Progress] = None, repeats: int = 3,
+                             use_cache: bool = True, timeout: float = 1800.0) -> List[Profile]:
+    """One profile per rank that will share this host, all measured at the same time, as they will run.
+
+    speeds[i]: 1.0 for a cpu rank, the speed of a sim rank. Ranks on one host slow each other down (here
+    mostly by sharing memory bandwidth), and by how much depends on what the others do: a sim rank's
+    compute always overlaps a co-runner's, a cpu rank's overlaps a sim rank's only while that one is not
+    idling. So each rank measures in its own process, a sim rank idles (1/speed - 1) x each chunk as the
+    sim backend does, every rank keeps computing until all have finished, and a sim rank's times include
+    its idling: its effective speed next to the others, not speed x an unloaded CPU. Cached under
+    (shape, dtype, threads, micro-batch sizes, all speeds, torch version).
     """
     threads = threads or torch.get_num_threads()
-    key = profile_key(backend, model_cfg, dtype, threads, list(micro_batch_sizes) + [tuple(co_runners)])
+    speeds = [float(s) for s in speeds]
+    key = profile_key("together", model_cfg, dtype, threads, list(micro_batch_sizes) + [tuple(speeds)])
     path = os.path.join(cache_dir(), key + ".json")
-    if use_cache and os.path.exists(path):
-        try:
-            with open(path) as fh:
-                return Profile(**json.load(fh))
-        except (OSError, ValueError, TypeError):
-            log.warning("profile cache %s unreadable; measuring again", path)
-    if co_runners:
-        from megahet.testing import run_distributed
-        results = run_distributed(_measure_rank, 1 + len(co_runners), model_cfg, dtype, threads,
-                                  list(micro_batch_sizes), vocab_size, repeats, [1.0] + list(co_runners),
-                                  timeout=1800.0, env={"MEGAHET_TEST_THREADS": str(threads)})
-        prof = results[0]
-        if progress:
-            progress(1, 1, "profiled with co-running ranks")
+    cached = _read_cache(path) if use_cache else None
+    if cached and isinstance(cached, list) and len(cached) == len(speeds):
+        return [Profile(**p) for p in cached]
+    import multiprocessing as mp
+    if mp.current_process().daemon:
+        # A daemonic process (e.g. a test's spawned rank) may not start children: measure one after
+        # another here, each rank alone, its sim idling included.
+        log.warning("megahet: profiling %d co-running ranks one after another (no child processes allowed "
+                    "here); contention between them is not measured", len(speeds))
+        profs = [measure(model_cfg, dtype, threads=threads, micro_batch_sizes=micro_batch_sizes,
+                         vocab_size=vocab_size, repeats=repeats, after_compute=_idler(s)) for s in speeds]
+        for prof, s in zip(profs, speeds):
+            _label_sim(prof, s)
     else:
-        prof = measure(model_cfg, dtype, backend=backend, threads=threads, micro_batch_sizes=micro_batch_sizes,
-                       vocab_size=vocab_size, progress=progress, repeats=repeats)
-    prof.key = key
+        from megahet.testing import run_distributed
+        profs = run_distributed(_measure_rank, len(speeds), model_cfg, dtype, threads, list(micro_batch_sizes),
+                                vocab_size, repeats, speeds, timeout=timeout,
+                                env={"MEGAHET_TEST_THREADS": str(threads)})
+    if progress:
+        progress(1, 1, f"profiled {len(speeds)} co-running ranks")
+    for i, prof in enumerate(profs):
+        prof.key = f"{key}/{i}"
+    _write_cache(path, [asdict(p) for p in profs])
+    return profs
+
+
+def _read_cache(path: str):
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        log.warning("profile cache %s unreadable; measuring again", path)
+        return None
+
+
+def _write_cache(path: str, data) -> None:
     os.makedirs(cache_dir(), exist_ok=True)
     tmp = path + ".partial"
     with open(tmp, "w") as fh:
-        json.dump(asdict(prof), fh, indent=1)
+        json.dump(data, fh, indent=1)
     os.replace(tmp, path)
-    return prof
 
 
 class _SavedBytes:
@@ -141,27 +187,78 @@ class _SavedBytes:
         return sum(self.seen.values())
 
 
-def _timed(fn, sync) -> float:
+def _timed(fn, sync, after_compute=None) -> float:
     sync()
     t0 = time.perf_counter()
     fn()
     sync()
+    if after_compute:
+        after_compute(time.perf_counter() - t0)
     return time.perf_counter() - t0
 
 
+def _idler(speed: float) -> Optional[Callable[[float], None]]:
+    """What the sim backend does after each compute chunk at `speed` (None for a full-speed rank)."""
+    if speed >= 1.0:
+        return None
+    return lambda elapsed: time.sleep((1.0 / speed - 1.0) * elapsed)
+
+
+def _label_sim(prof: Profile, speed: float) -> None:
+    """A sim rank's profile: its backend, and the simulated device's peak (speed x the CPU's)."""
+    if speed < 1.0:
+        prof.backend = "sim"
+        prof.peak_tflops *= speed
+
+
+class _Together:
+    """Co-running ranks (a TCPStore shared by them): start timing at once, and keep the host loaded
+    after this rank's own measurement until every rank has finished, so no rank is ever timed alone."""
+
+    def __init__(self, store, world: int):
+        self.store, self.world = store, world
+
+    def _count(self, name: str) -> int:
+        return int(self.store.add(name, 0))
+
+    def start(self) -> None:
+        self.store.add("ready", 1)
+        while self._count("ready") < self.world:
+            time.sleep(0.001)
+
+    def finished(self) -> None:
+        self.store.add("done", 1)
+
+    def all_done(self) -> bool:
+        return self._count("done") >= self.world
+
+
 def _measure_rank(model_cfg, dtype, threads, mbs, vocab_size, repeats, speeds):
-    """One of several concurrent measurements (run_distributed child); a sim rank idles like one."""
-    speed = speeds[int(os.environ.get("RANK", "0"))]
-    idle = (lambda elapsed: time.sleep((1.0 / speed - 1.0) * elapsed)) if speed < 1.0 else None
-    return measure(model_cfg, dtype, threads=threads, micro_batch_sizes=mbs, vocab_size=vocab_size,
-                   repeats=repeats, after_compute=idle)
+    """One of several co-running measurements (a run_distributed child); returns this rank's Profile."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, rank == 0,
+                          timeout=timedelta(seconds=600))
+    prof = measure(model_cfg, dtype, threads=threads, micro_batch_sizes=mbs, vocab_size=vocab_size,
+                   repeats=repeats, after_compute=_idler(speeds[rank]), together=_Together(store, world))
+    _label_sim(prof, speeds[rank])
+    store.add("left", 1)
+    while rank == 0 and int(store.add("left", 0)) < world:  # rank 0 serves the store: it leaves last
+        time.sleep(0.01)
+    return prof
 
 
 def measure(model_cfg, dtype: torch.dtype, *, backend: str = "cpu", threads: int = 1,
             micro_batch_sizes: Sequence[int] = (1, 2, 4), vocab_size: int = 32000,
             progress: Optional[Progress] = None, repeats: int = 3,
-            after_compute: Optional[Callable[[float], None]] = None) -> Profile:
-    """Time and measure the pieces of `model_cfg` (a finalized ModelConfig) on this machine's `backend`."""
+            after_compute: Optional[Callable[[float], None]] = None, together: Optional[_Together] = None) -> Profile:
+    """Time and measure the pieces of `model_cfg` (a finalized ModelConfig) on this machine's `backend`.
+
+    after_compute(seconds): called after each timed chunk (a sim rank's idling); the times include it.
+    together: co-running ranks to start with and to keep loading the host for until all are done.
+    """
     from megahet.models.gpt import GPTModel
     from megahet.models.transformer import TransformerLayer, is_moe_layer, rotary_tables
     from megahet.parallel.context import single_process_context
@@ -197,6 +294,8 @@ def measure(model_cfg, dtype: torch.dtype, *, backend: str = "cpu", threads: int
                          padded_vocab_size=padded, dtype=dtype)
         head = GPTModel(cfg, ctx, layer_ids=[], pre_process=False, post_process=True, vocab_size=vocab_size,
                         padded_vocab_size=padded, dtype=dtype)
+        if together:
+            together.start()
         for mbs in micro_batch_sizes:
             for k in kinds:
                 layer = modules[k]
@@ -236,13 +335,19 @@ def measure(model_cfg, dtype: torch.dtype, *, backend: str = "cpu", threads: int
         prof.optimizer_s_per_param = _adam_seconds_per_param(sync)
         prof.peak_tflops = ctx.backend.peak_flops(dtype) / 1e12
         tick("optimizer step")
+        if together:
+            together.finished()
+            layer, x = modules[kinds[0]], torch.randn(seq, micro_batch_sizes[-1], h, dtype=dtype, device=ctx.device)
+            while not together.all_done():  # the others are still timing: load the host as the job will
+                _fwd_bwd(lambda: layer(x.requires_grad_(), rope), sync, 0, after_compute)
     finally:
         torch.set_num_threads(old_threads)
     return prof
 
 
 def _fwd_bwd(fn, sync, repeats: int, after_compute=None) -> List[float]:
-    """Median forward and backward seconds of `fn()` (its output backpropagated with a ones gradient)."""
+    """Median forward and backward seconds of `fn()` (its output backpropagated with a ones gradient),
+    each including `after_compute(its compute seconds)` when given (a sim rank's idling)."""
     fwds, bwds = [], []
     for i in range(repeats + 1):
         out = None
@@ -251,17 +356,13 @@ def _fwd_bwd(fn, sync, repeats: int, after_compute=None) -> List[float]:
             nonlocal out
             out = fn()
 
-        f = _timed(forward, sync)
-        if after_compute:
-            after_compute(f)
+        f = _timed(forward, sync, after_compute)
         grad = torch.ones_like(out)
-        b = _timed(lambda: out.backward(grad), sync)
-        if after_compute:
-            after_compute(b)
+        b = _timed(lambda: out.backward(grad), sync, after_compute)
         if i:  # the first run warms up
             fwds.append(f)
             bwds.append(b)
-    return [statistics.median(fwds), statistics.median(bwds)]
+    return [statistics.median(fwds), statistics.median(bwds)] if fwds else [f, b]
 
 
 def _adam_seconds_per_param(sync, n: int = 2_000_000) -> float:

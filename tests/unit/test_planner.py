@@ -9,7 +9,8 @@ import pytest
 from megahet.errors import MegahetError
 from megahet.hetero import cost_model as cm
 from megahet.hetero.memory_check import compare_cases
-from megahet.hetero.planner import Constraints, Settings, _apportion, _balance, _partition_exact, search
+from megahet.hetero.planner import (Candidate, Constraints, Settings, _apportion, _balance, _Costs, _partition_exact,
+                                    finer_split, search)
 from megahet.hetero.predict import Options, predict
 from megahet.hetero.simulate import inflight_peak, pipeline_schedule, simulate_pipeline
 from megahet.parallel.schedules import build_schedule, simulate_schedule
@@ -163,16 +164,20 @@ def _brute_force(spec, groups, links, gbs, options):
     """Every runnable plan of a 2-group, 1-device-each cluster: both layouts, all splits, sizes, counts."""
     best = math.inf
     names = list(groups)
-    for mbs in (1, 2, 4):
+    sizes = (1, 2, 4)
+    for s0 in range(1, gbs):  # split: one pipeline per group, each its own micro-batch size
+        for b0, b1 in itertools.product(sizes, sizes):
+            if s0 % b0 or (gbs - s0) % b1:
+                continue
+            plan = {"layers": [spec.num_layers], "virtual_stages": 1, "expert_parallel": 1, "pipelines": [
+                {"micro_batch_size": b0, "micro_batches": s0 // b0, "stages": [{"group": names[0], "tensor_parallel": 1}]},
+                {"micro_batch_size": b1, "micro_batches": (gbs - s0) // b1,
+                 "stages": [{"group": names[1], "tensor_parallel": 1}]}]}
+            best = min(best, predict(plan, spec, groups, links, options).step_time_s)
+    for mbs in sizes:
         if gbs % mbs:
             continue
         units = gbs // mbs
-        for m0 in range(1, units):  # split: one pipeline per group
-            plan = {"layers": [spec.num_layers], "virtual_stages": 1, "expert_parallel": 1, "pipelines": [
-                {"micro_batch_size": mbs, "micro_batches": m0, "stages": [{"group": names[0], "tensor_parallel": 1}]},
-                {"micro_batch_size": mbs, "micro_batches": units - m0,
-                 "stages": [{"group": names[1], "tensor_parallel": 1}]}]}
-            best = min(best, predict(plan, spec, groups, links, options).step_time_s)
         for order in (names, names[::-1]):  # mixed: a 2-stage pipeline, every layer split
             for a in range(1, spec.num_layers):
                 plan = {"layers": [a, spec.num_layers - a], "virtual_stages": 1, "expert_parallel": 1,
@@ -238,6 +243,32 @@ def test_split_layout_gives_the_faster_replica_more_samples():
         {"group": g, "tensor_parallel": 1}]}]}, spec, groups, cm.Links()).pipeline_time_s for g in groups}
     share = per_mb["slow"] / (per_mb["fast"] + per_mb["slow"]) * 30
     assert abs(samples["fast"] - share) <= 1 and samples["fast"] > samples["slow"]
+
+
+def _two_replicas(ratio):
+    spec = _spec(num_layers=4)
+    groups = {"fast": _group("fast", devices=1, tflops=100.0, domain="a"),
+              "slow": _group("slow", devices=1, tflops=100.0 * ratio, domain="b")}
+    return spec, groups
+
+
+def test_finer_split_takes_the_batch_one_sample_at_a_time():
+    spec, groups = _two_replicas(0.45)
+    coarse = {"layers": [4], "virtual_stages": 1, "expert_parallel": 1, "pipelines": [
+        {"micro_batch_size": 2, "micro_batches": m, "stages": [{"group": g, "tensor_parallel": 1}]}
+        for g, m in (("fast", 17), ("slow", 7))]}
+    cand = Candidate("split", [(("fast",), 1), (("slow",), 1)], (1,), 2, 1, None)
+    costs = _Costs(spec, groups, cm.Links())
+    finer = finer_split(coarse, cand, costs, 48, (1, 2, 4))
+    samples = {p["stages"][0]["group"]: p["micro_batch_size"] * p["micro_batches"] for p in finer["pipelines"]}
+    assert samples == {"fast": 33, "slow": 15}  # 48 / 1.45 = 33.1 on the fast replica
+    assert all(p["micro_batch_size"] <= 2 for p in finer["pipelines"])
+    assert finer_split(coarse, cand, costs, 48, (2,)) is None  # a fixed --micro-batch-size stays: 17 : 7 is best
+    slower = lambda plan: predict(plan, spec, groups, cm.Links()).step_time_s  # noqa: E731
+    assert slower(finer) < slower(coarse)
+    # Nothing to gain: the same plan back as None.
+    even = {**coarse, "pipelines": [{**p, "micro_batches": 12} for p in coarse["pipelines"]]}
+    assert finer_split(even, cand, _Costs(spec, _two_replicas(1.0)[1], cm.Links()), 48, (1, 2, 4)) is None
 
 
 def test_large_cluster_plans_use_every_device():
