@@ -140,10 +140,27 @@ def run_case(cluster_raw, layout, model, iters, port, detail=False):
     return step, compute
 
 
+def _load() -> str:
+    with open("/proc/loadavg") as fh:
+        return " ".join(fh.read().split()[:3])
+
+
+def _speed_ratio(profiles) -> str:
+    """The sim group's measured throughput relative to the cpu group's (dense layer, largest size)."""
+    if not isinstance(profiles, dict):
+        return "n/a (one shared CPU profile)"
+    key = max(profiles["fast"].times, key=lambda k: (k.split("/")[0] == "dense", int(k.split("/")[1])))
+    return f"{sum(profiles['fast'].times[key]) / sum(profiles['slow'].times[key]):.3f} ({key})"
+
+
 def autoplan_pipeline(iters: int, rounds: int = 2):
     """Auto-planned 2-stage pipeline of a 12-layer model on cpu(1)+sim(0.5) against its ideal (0.75 x the
-    homogeneous pipeline, cpu + sim at speed 1, measured in the same run) and the uniform 6+6 split."""
-    from megahet.hetero.autoplan import search_uniform
+    homogeneous pipeline, cpu + sim at speed 1, measured in the same run) and the uniform 6+6 split.
+
+    The split is what `--cluster` planning chooses with the stage count fixed at 2 (autoplan.search_uniform
+    on the groups' co-running profiles); the runs pass it as --pipeline-layers."""
+    os.environ["OMP_NUM_THREADS"] = "1"  # what run_case gives each rank: the same profile
+    from megahet.hetero.autoplan import measure_profiles, search_uniform
     from megahet.hetero.planner import Settings
     model = {**MODEL, "num_layers": 12, "global_batch_size": 16}
     hetero = {"groups": [{"name": "fast", "backend": "cpu", "devices": 1},
@@ -151,13 +168,15 @@ def autoplan_pipeline(iters: int, rounds: int = 2):
     homo = {"groups": [{"name": "fast", "backend": "cpu", "devices": 1},
                        {"name": "same", "backend": "sim", "devices": 1, "speed": 1.0}]}
     cfg = build_config(overrides={**model, "mock_data": True, "train_iters": 10}, validate=False)
-    prof = load_or_measure(cfg.model, params_dtype(cfg), threads=1, micro_batch_sizes=(2,), vocab_size=2048)
     cluster = parse_cluster(hetero)
+    profiles = measure_profiles(cfg, cluster)
     spec = cm.ModelSpec.from_config(cfg)
-    plan, pred, _ = search_uniform(spec, cluster_groups(cluster, prof), cm.Links(), cluster, 16,
+    plan, pred, _ = search_uniform(spec, cluster_groups(cluster, profiles), cm.Links(), cluster, 16,
                                    {"pipeline_model_parallel_size": 2, "micro_batch_size": 2,
                                     "recompute_granularity": None}, Settings(max_virtual_stages=1))
     layers = plan["layers"]
+    print(f"load average at start {_load()}; sim / cpu throughput measured co-running: {_speed_ratio(profiles)}",
+          flush=True)
     runs = {"homogeneous 6+6 (cpu + sim 1.0)": (homo, [6, 6]), f"auto {layers[0]}+{layers[1]} (cpu + sim 0.5)":
             (hetero, layers), "uniform 6+6 (cpu + sim 0.5)": (hetero, [6, 6])}
     tokens = {k: [] for k in runs}
@@ -166,11 +185,14 @@ def autoplan_pipeline(iters: int, rounds: int = 2):
             step = run_case(cl, {"pipeline_model_parallel_size": 2, "pipeline_layers": split, "micro_batch_size": 2},
                             {**model}, iters, 29750 + 10 * r + i)
             tokens[name].append(16 * model["seq_length"] / step)
+        names = list(runs)
+        print(f"  round {r + 1} (load {_load()}): " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in tokens.items())
+              + f" tokens/s; auto / ideal {tokens[names[1]][-1] / (0.75 * tokens[names[0]][-1]):.3f}", flush=True)
     med = {k: statistics.median(v) for k, v in tokens.items()}
     names = list(runs)
     ideal = 0.75 * med[names[0]]
     print(f"\n2-stage pipeline, 12 layers, cpu(1)+sim(0.5): planner's split {layers} "
-          f"(predicted {pred.tokens_per_s:.0f} tokens/s); medians of {rounds} alternating runs")
+          f"(predicted {pred.tokens_per_s:.0f} tokens/s); medians of {rounds} alternating runs; load {_load()}")
     for k in names:
         print(f"  {k:<34} {med[k]:>8.0f} tokens/s")
     print(f"  auto / ideal (0.75 x homogeneous) = {med[names[1]] / ideal:.3f} (target >= 0.975); "
@@ -180,20 +202,24 @@ def autoplan_pipeline(iters: int, rounds: int = 2):
 def autoplan_dp(iters: int, rounds: int = 2, gbs: int = 48, together: bool = False):
     """`--cluster` with no layout flags on cpu(1)+sim(0.5), 8 layers: the planner's data-parallel plan
     against the sum of each device training the same job alone (cpu alone, sim(0.5) alone), all three
-    measured in the same run, alternating, `rounds` times.
+    measured in the same run, alternating, `rounds` times. Every job runs with --overlap-grad-reduce
+    (only the combined one has gradients to exchange).
 
     together: run the two alone jobs at the same time (the sim one half the steps, so both last about
     as long), so each device's job shares this host with the other as the two ranks of the combined
     job do; on a host with fewer free cores than ranks, one job alone gets more CPU than either rank of
     the combined job, which would bias the comparison against the combined job."""
     os.environ["OMP_NUM_THREADS"] = "1"  # what run_case gives each rank: the same profile, the same plan
-    from megahet.hetero.autoplan import choose_plan
-    model = {"global_batch_size": gbs}
+    from megahet.hetero.autoplan import choose_plan, measure_profiles
+    model = {"global_batch_size": gbs, "overlap_grad_reduce": True}
     both = CPU_SIM
     cpu = {"groups": [CPU_SIM["groups"][0]]}
     sim = {"groups": [CPU_SIM["groups"][1]]}
     cfg = build_config(overrides={**MODEL, **model, "mock_data": True, "train_iters": 10}, validate=False)
-    plan = choose_plan(cfg, parse_cluster(both))
+    plan = choose_plan(cfg, parse_cluster(both))  # profiles (co-running) and plans as the job will, then cached
+    print(f"load average at start {_load()}; sim / cpu throughput measured co-running: "
+          f"{_speed_ratio(measure_profiles(cfg, parse_cluster(both)))}; plan predicted "
+          f"{plan.predicted.get('step_time_s')} s/step", flush=True)
     runs = {"cpu alone": cpu, "sim(0.5) alone": sim, "auto-planned cpu + sim(0.5)": both}
     tokens = {k: [] for k in runs}
     for r in range(rounds):
@@ -207,7 +233,9 @@ def autoplan_dp(iters: int, rounds: int = 2, gbs: int = 48, together: bool = Fal
                 tokens[name].append(gbs * MODEL["seq_length"] / step)
             step = run_case(both, {}, model, iters, 29800 + 10 * r + 2)
             tokens["auto-planned cpu + sim(0.5)"].append(gbs * MODEL["seq_length"] / step)
-            print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in tokens.items()) + " tokens/s",
+            names = list(runs)
+            print(f"  round {r + 1} (load {_load()}): " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in tokens.items())
+                  + f" tokens/s; auto / sum {tokens[names[2]][-1] / (tokens[names[0]][-1] + tokens[names[1]][-1]):.3f}",
                   flush=True)
             continue
         for i, (name, cl) in enumerate(runs.items()):
@@ -219,7 +247,7 @@ def autoplan_dp(iters: int, rounds: int = 2, gbs: int = 48, together: bool = Fal
     shape = " + ".join(f"{p.micro_batches} x {p.micro_batch_size} on {p.stages[0].group}" for p in plan.pipelines)
     how = "the two alone jobs run at the same time" if together else "one job at a time"
     print(f"\ndata parallel, 8 layers, batch {gbs}, cpu(1)+sim(0.5): planner's plan {shape} "
-          f"(layers {plan.layers}); medians of {rounds} alternating rounds, {how}")
+          f"(layers {plan.layers}); medians of {rounds} alternating rounds, {how}; load {_load()}")
     for k in names:
         print(f"  {k:<30} {med[k]:>8.0f} tokens/s")
     print(f"  auto / (cpu alone + sim alone) = {med[names[2]] / (med[names[0]] + med[names[1]]):.3f} "

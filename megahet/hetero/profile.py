@@ -212,25 +212,28 @@ def _label_sim(prof: Profile, speed: float) -> None:
 
 
 class _Together:
-    """Co-running ranks (a TCPStore shared by them): start timing at once, and keep the host loaded
-    after this rank's own measurement until every rank has finished, so no rank is ever timed alone."""
+    """Co-running ranks, through a TCPStore they share: each timed item starts on every rank at once and
+    runs until every rank has its samples, so the ranks contend as in the job and no rank is ever timed
+    alone (every rank measures the same items in the same order)."""
 
-    def __init__(self, store, world: int):
-        self.store, self.world = store, world
+    def __init__(self, store, world: int, min_seconds: float):
+        self.store, self.world, self.min_seconds = store, world, min_seconds
+        self.item = 0
 
     def _count(self, name: str) -> int:
         return int(self.store.add(name, 0))
 
     def start(self) -> None:
-        self.store.add("ready", 1)
-        while self._count("ready") < self.world:
+        self.item += 1
+        self.store.add(f"ready{self.item}", 1)
+        while self._count(f"ready{self.item}") < self.world:
             time.sleep(0.001)
 
     def finished(self) -> None:
-        self.store.add("done", 1)
+        self.store.add(f"done{self.item}", 1)
 
     def all_done(self) -> bool:
-        return self._count("done") >= self.world
+        return self._count(f"done{self.item}") >= self.world
 
 
 def _measure_rank(model_cfg, dtype, threads, mbs, vocab_size, repeats, speeds):
@@ -242,7 +245,7 @@ def _measure_rank(model_cfg, dtype, threads, mbs, vocab_size, repeats, speeds):
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, rank == 0,
                           timeout=timedelta(seconds=600))
     prof = measure(model_cfg, dtype, threads=threads, micro_batch_sizes=mbs, vocab_size=vocab_size,
-                   repeats=repeats, after_compute=_idler(speeds[rank]), together=_Together(store, world))
+                   repeats=repeats, after_compute=_idler(speeds[rank]), together=_Together(store, world, 0.3))
     _label_sim(prof, speeds[rank])
     store.add("left", 1)
     while rank == 0 and int(store.add("left", 0)) < world:  # rank 0 serves the store: it leaves last
@@ -257,7 +260,7 @@ def measure(model_cfg, dtype: torch.dtype, *, backend: str = "cpu", threads: int
     """Time and measure the pieces of `model_cfg` (a finalized ModelConfig) on this machine's `backend`.
 
     after_compute(seconds): called after each timed chunk (a sim rank's idling); the times include it.
-    together: co-running ranks to start with and to keep loading the host for until all are done.
+    together: co-running ranks that time each item at the same time as this one.
     """
     from megahet.models.gpt import GPTModel
     from megahet.models.transformer import TransformerLayer, is_moe_layer, rotary_tables
@@ -294,22 +297,21 @@ def measure(model_cfg, dtype: torch.dtype, *, backend: str = "cpu", threads: int
                          padded_vocab_size=padded, dtype=dtype)
         head = GPTModel(cfg, ctx, layer_ids=[], pre_process=False, post_process=True, vocab_size=vocab_size,
                         padded_vocab_size=padded, dtype=dtype)
-        if together:
-            together.start()
         for mbs in micro_batch_sizes:
             for k in kinds:
                 layer = modules[k]
                 x = torch.randn(seq, mbs, h, dtype=dtype, device=ctx.device)
                 prof.times[f"{k}/{mbs}"] = _fwd_bwd(lambda x=x, layer=layer: layer(x.requires_grad_(), rope),
-                                                    sync, repeats, after_compute)
+                                                    sync, repeats, after_compute, together)
                 tick(f"{k} layer, micro-batch {mbs}")
             tokens = torch.randint(0, vocab_size, (mbs, seq), device=ctx.device)
-            prof.times[f"embed/{mbs}"] = _fwd_bwd(lambda t=tokens: embed(tokens=t), sync, repeats, after_compute)
+            prof.times[f"embed/{mbs}"] = _fwd_bwd(lambda t=tokens: embed(tokens=t), sync, repeats, after_compute,
+                                                  together)
             tick(f"embedding, micro-batch {mbs}")
             hidden = torch.randn(seq, mbs, h, dtype=dtype, device=ctx.device)
             prof.times[f"head/{mbs}"] = _fwd_bwd(
                 lambda x=hidden, t=tokens: head(hidden_states=x.requires_grad_(), labels=t).sum(), sync, repeats,
-                after_compute)
+                after_compute, together)
             tick(f"head + loss, micro-batch {mbs}")
         mbs = micro_batch_sizes[0]
         tokens_n = mbs * seq
@@ -335,21 +337,23 @@ def measure(model_cfg, dtype: torch.dtype, *, backend: str = "cpu", threads: int
         prof.optimizer_s_per_param = _adam_seconds_per_param(sync)
         prof.peak_tflops = ctx.backend.peak_flops(dtype) / 1e12
         tick("optimizer step")
-        if together:
-            together.finished()
-            layer, x = modules[kinds[0]], torch.randn(seq, micro_batch_sizes[-1], h, dtype=dtype, device=ctx.device)
-            while not together.all_done():  # the others are still timing: load the host as the job will
-                _fwd_bwd(lambda: layer(x.requires_grad_(), rope), sync, 0, after_compute)
     finally:
         torch.set_num_threads(old_threads)
     return prof
 
 
-def _fwd_bwd(fn, sync, repeats: int, after_compute=None) -> List[float]:
+def _fwd_bwd(fn, sync, repeats: int, after_compute=None, together: Optional[_Together] = None) -> List[float]:
     """Median forward and backward seconds of `fn()` (its output backpropagated with a ones gradient),
-    each including `after_compute(its compute seconds)` when given (a sim rank's idling)."""
+    each including `after_compute(its compute seconds)` when given (a sim rank's idling).
+
+    Alone: one warm-up run and `repeats` timed ones. Together: started with the co-running ranks, for at
+    least their `min_seconds`, and on until every rank has its samples (the median drops the outliers
+    a shared host gives a few runs)."""
     fwds, bwds = [], []
-    for i in range(repeats + 1):
+    if together:
+        together.start()
+    t0, i, marked = time.perf_counter(), 0, False
+    while True:
         out = None
 
         def forward():
@@ -362,7 +366,18 @@ def _fwd_bwd(fn, sync, repeats: int, after_compute=None) -> List[float]:
         if i:  # the first run warms up
             fwds.append(f)
             bwds.append(b)
-    return [statistics.median(fwds), statistics.median(bwds)] if fwds else [f, b]
+        i += 1
+        enough = i > repeats
+        if together is None:
+            if enough:
+                break
+            continue
+        if not marked and enough and time.perf_counter() - t0 >= together.min_seconds:
+            together.finished()
+            marked = True
+        if marked and together.all_done():
+            break
+    return [statistics.median(fwds), statistics.median(bwds)]
 
 
 def _adam_seconds_per_param(sync, n: int = 2_000_000) -> float:
