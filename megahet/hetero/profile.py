@@ -116,9 +116,10 @@ def load_or_measure_together(model_cfg, dtype: torch.dtype, speeds: Sequence[flo
     mostly by sharing memory bandwidth), and by how much depends on what the others do: a sim rank's
     compute always overlaps a co-runner's, a cpu rank's overlaps a sim rank's only while that one is not
     idling. So each rank measures in its own process, a sim rank idles (1/speed - 1) x each chunk as the
-    sim backend does, every rank keeps computing until all have finished, and a sim rank's times include
-    its idling: its effective speed next to the others, not speed x an unloaded CPU. Cached under
-    (shape, dtype, threads, micro-batch sizes, all speeds, torch version).
+    sim backend does, each timed item starts on every rank at once and repeats (at least 0.3 s) until
+    every rank has its samples, and a sim rank's times include its idling: its effective speed next to
+    the others, not speed x an unloaded CPU. Cached under (shape, dtype, threads, micro-batch sizes, all
+    speeds, torch version).
     """
     threads = threads or torch.get_num_threads()
     speeds = [float(s) for s in speeds]
