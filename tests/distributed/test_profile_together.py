@@ -20,22 +20,23 @@ def _compute(prof):
 def test_each_rank_gets_its_own_profile_and_the_sims_includes_its_idling(tmp_path, monkeypatch):
     monkeypatch.setenv("MEGAHET_CACHE_DIR", str(tmp_path))
     model = _tiny()
-    cpu, sim = load_or_measure_together(model, torch.float32, [1.0, 0.5], threads=1, micro_batch_sizes=(1, 2),
+    cpu, sim = load_or_measure_together(model, torch.float32, [1.0, 0.25], threads=1, micro_batch_sizes=(1, 2),
                                         vocab_size=512, timeout=120)
     assert (cpu.backend, sim.backend) == ("cpu", "sim")
     assert cpu.key != sim.key and set(cpu.times) == set(sim.times)
     assert sim.peak_tflops < cpu.peak_tflops  # the simulated device's peak: speed x the CPU's
-    # The sim rank computed while the cpu rank did (never faster than it), then idled 1/0.5 - 1 = 1 x
-    # as long: at least its speed-scaled cpu time, up to noise on these millisecond layers.
-    assert _compute(sim) >= 0.85 * _compute(cpu) / 0.5
+    # The sim rank computed while the cpu rank did, then idled 1/0.25 - 1 = 3 x as long: about its
+    # speed-scaled cpu time (4 x); without its idling it would be about the cpu's. The margin is for a
+    # host shared with other jobs, where either rank's millisecond layers can be delayed.
+    assert _compute(sim) >= 0.5 * _compute(cpu) / 0.25
     # Cached under all the speeds: the same again without measuring; other speeds are measured anew.
     def no_measuring(*args, **kwargs):
         raise AssertionError("measured again")
 
     monkeypatch.setattr("megahet.testing.run_distributed", no_measuring)
-    again = load_or_measure_together(model, torch.float32, [1.0, 0.5], threads=1, micro_batch_sizes=(1, 2),
+    again = load_or_measure_together(model, torch.float32, [1.0, 0.25], threads=1, micro_batch_sizes=(1, 2),
                                      vocab_size=512)
     assert [p.times for p in again] == [cpu.times, sim.times]
     with pytest.raises(AssertionError, match="measured again"):
-        load_or_measure_together(model, torch.float32, [1.0, 0.25], threads=1, micro_batch_sizes=(1, 2),
+        load_or_measure_together(model, torch.float32, [1.0, 0.5], threads=1, micro_batch_sizes=(1, 2),
                                  vocab_size=512)
