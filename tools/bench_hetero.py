@@ -23,7 +23,7 @@
    parallel from the nominal 2:1 split with the runtime's `--rebalance`, which measures the
    replicas and moves micro-batches itself.
 
-    python tools/bench_hetero.py [--mb 16 --reps 9 --iters 6 --rounds 2 --gbs 24]
+    python tools/bench_hetero.py [--mb 16 --reps 9 --iters 6 --rounds 2 --gbs 32]
 
 Figures are noisy when other jobs share the CPUs; ratios are the meaningful part.
 """
@@ -149,9 +149,10 @@ def _alone_pair(tmp, tag, cpu_samples, sim_samples, iters, together):
 
 
 def balanced_split(total: int, ratio: float) -> tuple:
-    """Whole units (samples or layers) for the cpu and the sim device, proportional to their measured
-    per-unit speeds (`ratio` = sim / cpu), each at least one: what balancing a plan by hand means."""
-    sim = min(total - 1, max(1, round(total * ratio / (1 + ratio))))
+    """Whole units (samples or layers) for the cpu and the sim device, at least one each, that minimise
+    the slower device's time given their measured per-unit speeds (`ratio` = sim / cpu): what
+    balancing a plan by hand means."""
+    sim = min(range(1, total), key=lambda k: max(total - k, k / ratio))
     return total - sim, sim
 
 
@@ -203,7 +204,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the alone and plan runs")
     ap.add_argument("--rebalance", action=argparse.BooleanOptionalAction, default=True,
                     help="also run data parallel from the nominal 2:1 split with --rebalance")
-    ap.add_argument("--gbs", type=int, default=24, help="samples per data-parallel step (micro-batches of 1)")
+    ap.add_argument("--gbs", type=int, default=32, help="samples per data-parallel step (micro-batches of 1)")
     ap.add_argument("--together", action=argparse.BooleanOptionalAction, default=True,
                     help="run the cpu-alone and sim-alone jobs at the same time (default), so each shares "
                          "this host's cores as the plan's two ranks do; --no-together runs them one by one")
