@@ -223,6 +223,7 @@ def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
                            plan: Optional[Plan] = None,
                            assignment: Optional[List[List[List[int]]]] = None,
                            link_throttle: Optional[Sequence[Sequence[object]]] = None,
+                           rank_sites: Optional[Sequence[Optional[str]]] = None,
                            store=None) -> ParallelContext:
     """Initialise torch.distributed from the torchrun environment (if not yet) and build the groups.
 
@@ -237,6 +238,11 @@ def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
         link_throttle: table[src][dst] of link_throttle.LinkThrottle (or None) between global ranks on
             different simulated sites (link_throttle.site_throttles); pipeline messages and the
             hierarchical reductions' cross-domain exchange then take the link's time.
+        rank_sites: the site (data centre) of every global rank, or None. When ranks sit on several
+            sites, each (domain, site) is its own part of the topology: reductions are hierarchical by
+            site too (inside a site natively, only shards across), and messages between sites go
+            through the host-staged bridge (over which `link_throttle` simulates the link), even
+            between ranks of one vendor.
         store: the rendezvous store to initialise torch.distributed with (`rendezvous_store`);
             default: torchrun's (or env://).
     """
@@ -255,6 +261,7 @@ def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
     if not ok:
         raise MegahetError(f"rank {rank} was assigned backend '{backend.name}', which is not available here: {why}")
     domains = [b.domain for b in backends]
+    parts = topology_parts(domains, rank_sites)  # what the bridge and hierarchical reductions split by
     libraries = [b.collective_backend for b in backends]
     device = backend.device(local_rank)
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -291,8 +298,9 @@ def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
             hierarchical = kind in ("dp", "expert_dp")
             key = ("h" if hierarchical else "", tuple(ranks))
             if key not in made:
-                made[key] = (_make(ranks, rank, domains, libraries, timeout, f"{kind}{list(ranks)}", device,
-                                   counters, hierarchical, throttle, backend.unreducible_dtypes)
+                made[key] = (_make(ranks, rank, parts if hierarchical else domains, libraries, timeout,
+                                   f"{kind}{list(ranks)}", device, counters, hierarchical, throttle,
+                                   backend.unreducible_dtypes)
                              if len(ranks) > 1 else None)
             if rank in ranks:
                 group = made[key] or CommGroup(ranks, rank, name=f"{kind}{list(ranks)}", device=device)
@@ -305,7 +313,7 @@ def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
                       library="gloo" if world_bridged else libraries[rank], name="world", device=device,
                       unreducible_dtypes=backend.unreducible_dtypes)
     # The world group's job-wide scalars (norms, flags, losses) are not counted: counters show links.
-    links = Links(rank, domains, libraries, device, timeout, counters, throttle=throttle)
+    links = Links(rank, parts, libraries, device, timeout, counters, throttle=throttle)
     where = [(d, k, t) for d, row in enumerate(assignment) for k, ranks in enumerate(row)
              for t, r in enumerate(ranks) if r == rank]
     if len(where) != 1:
@@ -331,6 +339,15 @@ def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
     ctx.progress = progress
     log.debug("built %s", ctx.describe())
     return ctx
+
+
+def topology_parts(domains: Sequence[str], rank_sites: Optional[Sequence[Optional[str]]]) -> List[str]:
+    """Each rank's part of the topology: its domain, or "domain@site" when the ranks span several sites."""
+    if not rank_sites or len({s or "" for s in rank_sites}) < 2:
+        return list(domains)
+    if len(rank_sites) != len(domains):
+        raise MegahetError(f"{len(rank_sites)} rank sites for {len(domains)} ranks; give every rank's site")
+    return [f"{d}@{s or ''}" for d, s in zip(domains, rank_sites)]
 
 
 def _make(ranks, rank, domains, libraries, timeout, name, device, counters, hierarchical, throttle=None,

@@ -7,8 +7,9 @@ receiver waits). Each throttled message is followed by a one-number stamp with t
 (wall clock, the same on every process of one machine); the receiver, once the transfer is done,
 sleeps until the latest arrival. Links are given per direction in the cluster spec (`links.cross_site`
 GB/s, `links.cross_site_latency_ms`), so one CPU machine can run and measure a two-site plan.
-Links (pipeline messages) and HierarchicalGroup (the cross-domain shard exchange of a reduction) call
-it; a plain collective inside one domain that spans sites is not throttled.
+Links (pipeline messages) and HierarchicalGroup (the cross-part shard exchange of a reduction) call
+it; both split the topology by (domain, site) (`context.topology_parts`), so every message between
+sites crosses the bridge. TP/EP groups and the job-wide scalar all-reduces are not throttled.
 """
 from __future__ import annotations
 

@@ -69,7 +69,7 @@ def build_context(cfg: MegahetConfig) -> ParallelContext:
     """The plan (from --plan, or the uniform one the flags describe) turned into this rank's context."""
     from megahet.hetero.plan_setup import build_plan
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    from megahet.parallel.link_throttle import cluster_throttles
+    from megahet.parallel.link_throttle import cluster_throttles, rank_sites
     elastic = None
     if cfg.hetero.elastic:  # the groups present, re-planned when some were lost (hetero/elastic.py)
         from megahet.hetero.elastic import elastic_setup
@@ -83,7 +83,7 @@ def build_context(cfg: MegahetConfig) -> ParallelContext:
                            f"{exc}") from None
     ctx = build_parallel_context(rank_specs=cluster.rank_specs(), timeout_s=cfg.parallel.distributed_timeout_s,
                                  plan=plan, assignment=assignment, link_throttle=cluster_throttles(cluster),
-                                 store=elastic.store if elastic else None)
+                                 rank_sites=rank_sites(cluster), store=elastic.store if elastic else None)
     ctx.cluster = cluster
     return ctx
 

@@ -57,3 +57,25 @@ def train_with_fp32_backend(over: dict):
 
     register_backend("sim_fp32", SimNoBF16)
     return train(over)
+
+
+def two_site_collectives():
+    """Four cpu ranks (one vendor), two per site: the dp group is hierarchical by site and only messages
+    between sites take the bridge."""
+    from megahet.parallel.links import Recv, Send
+    ctx = build_parallel_context(tp=1, pp=1, rank_specs=[RankSpec("cpu")] * 4, timeout_s=30,
+                                 rank_sites=["dc1", "dc1", "dc2", "dc2"])
+    out = {"kind": type(ctx.dp_group).__name__}
+    before = ctx.counters.bridge_bytes
+    x = torch.arange(10, dtype=torch.float32) * (ctx.rank + 1) + 0.25  # [10]
+    ctx.dp_group.all_reduce(x)
+    out["all_reduce"], out["reduce_bridge_bytes"] = x, ctx.counters.bridge_bytes - before
+    before, native = ctx.counters.bridge_bytes, ctx.counters.native_bytes
+    y = torch.ones(8)  # [8]: rank 0 -> 1 inside dc1, rank 1 -> 2 across
+    sends = [Send(y, ctx.rank + 1)] if ctx.rank in (0, 1) else []
+    recvs = [Recv((8,), torch.float32, ctx.rank - 1)] if ctx.rank in (1, 2) else []
+    ctx.links.exchange(sends, recvs)
+    out["p2p_bridge_bytes"] = ctx.counters.bridge_bytes - before
+    out["p2p_native_bytes"] = ctx.counters.native_bytes - native
+    ctx.dp_group.close()
+    return out
