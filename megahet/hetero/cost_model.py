@@ -441,6 +441,29 @@ def ep_comm_time(spec: ModelSpec, group: GroupSpec, links: Links, mbs: int, tp: 
     return moe_layers * (4 * alltoall_time(nbytes, ep, *links.params(kind, "all_to_all")) + counts)
 
 
+def small_allreduce_time(n: int, lat: float) -> float:
+    """A latency-bound all-reduce of a few bytes over `n` ranks: a reduction tree up and down
+    (2 log2 n steps; equals the ring's 2 steps at n = 2)."""
+    return 2 * math.ceil(math.log2(n)) * lat if n > 1 else 0.0
+
+
+def step_collectives_time(groups: Sequence[GroupSpec], world: int, links: Links) -> float:
+    """The scalar all-reduces every step makes besides the model's (training/train_step.py, grad_norm.py):
+    the global token count, the gradient norm and the logged loss, over the world; each as slow as the
+    slowest link kind the world spans (host-staged through the bridge across domains)."""
+    if world <= 1:
+        return 0.0
+    sites = {g.site for g in groups}
+    domains = {g.domain for g in groups}
+    if len(sites) > 1:
+        kind = "cross_site"
+    elif len(domains) > 1:
+        kind = "cross_domain"
+    else:
+        kind = "intra_node" if world <= min(g.devices_per_node for g in groups) else "inter_node"
+    return 3 * small_allreduce_time(world, links.params(kind, "all_reduce")[1])
+
+
 def p2p_bytes(spec: ModelSpec, mbs: int) -> float:
     """Activation (or its gradient) sent between stages per micro-batch: [s, b, h]."""
     return mbs * spec.seq * spec.hidden * spec.param_bytes

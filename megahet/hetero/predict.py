@@ -3,7 +3,8 @@
 A plan here is the plan-file dict (layers, virtual_stages, expert_parallel, pipelines with micro-batch
 size, count and per-stage group and TP). Each distinct pipeline is simulated once on its real schedule
 (simulate.py) with per-rank, per-chunk times from the cost model; step time is the slowest pipeline,
-plus the data-parallel reduction not hidden behind backward, plus the optimizer step.
+plus the data-parallel reduction not hidden behind backward, plus the optimizer step (gradient norm,
+clipping, AdamW), plus the step's scalar all-reduces.
 """
 from __future__ import annotations
 
@@ -50,10 +51,11 @@ class Prediction:
     overflow: Dict[str, float] = field(default_factory=dict)  # group -> GB over its memory
     slowest: Optional[PipelineResult] = None
     mfu: float = 0.0
+    framework_s: float = 0.0  # the step's scalar all-reduces (token count, gradient norm, loss)
 
     def summary(self) -> Dict[str, float]:
         return {"step_time_s": self.step_time_s, "pipeline_s": self.pipeline_time_s, "dp_exposed_s": self.dp_exposed_s,
-                "optimizer_s": self.optimizer_s, "bubble": self.bubble}
+                "optimizer_s": self.optimizer_s, "framework_s": self.framework_s, "bubble": self.bubble}
 
 
 def _pipeline_key(p: dict) -> tuple:
@@ -111,7 +113,10 @@ def predict(plan: dict, spec: cm.ModelSpec, groups: Dict[str, cm.GroupSpec], lin
         if options.distributed_optimizer:
             local = (count.dense + count.fp32) / dp + count.expert / expert_dp
         opt_time = max(opt_time, max(cm.optimizer_time(groups[g], local) for g in members))
-    step = slow.time + dp_exposed + opt_time
+    used = {s["group"] for pipe in pipes for s in pipe["stages"]}
+    world = sum(int(s["tensor_parallel"]) for pipe in pipes for s in pipe["stages"])
+    framework = cm.step_collectives_time([groups[g] for g in sorted(used)], world, links)
+    step = slow.time + dp_exposed + opt_time + framework
     tokens_per_s = tokens_step / step if step > 0 else 0.0
     # Memory per group (worst rank) and overflow.
     mem_by_group: Dict[str, float] = {}
@@ -127,7 +132,7 @@ def predict(plan: dict, spec: cm.ModelSpec, groups: Dict[str, cm.GroupSpec], lin
     peaks = sum(groups[g].peak_tflops * groups[g].devices for g in groups) * 1e12
     model_flops = tokens_step * _model_flops_per_token(spec)
     return Prediction(step_time_s=step, tokens_per_s=tokens_per_s, pipeline_time_s=slow.time, dp_exposed_s=dp_exposed,
-                      optimizer_s=opt_time, bubble=slow.bubble, groups=group_stats, stages=slow_stages,
+                      optimizer_s=opt_time, framework_s=framework, bubble=slow.bubble, groups=group_stats, stages=slow_stages,
                       feasible=not overflow, overflow=overflow, slowest=slow if keep_timeline else None,
                       mfu=model_flops / step / peaks if peaks and step else 0.0)
 

@@ -381,12 +381,24 @@ def _fwd_bwd(fn, sync, repeats: int, after_compute=None, together: Optional[_Tog
     return [statistics.median(fwds), statistics.median(bwds)]
 
 
-def _adam_seconds_per_param(sync, n: int = 2_000_000) -> float:
-    p = torch.nn.Parameter(torch.randn(n))
-    p.grad = torch.randn(n)
-    opt = torch.optim.AdamW([p], lr=1e-4)
-    opt.step()
-    runs = [_timed(opt.step, sync) for _ in range(3)]
+def _adam_seconds_per_param(sync, n: int = 2_000_000, pieces: int = 8) -> float:
+    """Seconds per parameter of the runtime's optimizer step (training/optimizer.py): the gradient norm
+    (one multi-tensor norm), clipping (one multi-tensor scale) and AdamW with the kernel
+    --optimizer-implementation auto picks on this device, over `pieces` tensors as a model has many."""
+    from megahet.training.optimizer import optimizer_flags
+    params = [torch.nn.Parameter(torch.randn(n // pieces)) for _ in range(pieces)]
+    for p in params:
+        p.grad = torch.randn(n // pieces)
+    opt = torch.optim.AdamW(params, lr=1e-4, **optimizer_flags("auto", params[0].device))
+    grads = [p.grad for p in params]
+
+    def step():
+        norm = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum().sqrt()
+        torch._foreach_mul_(grads, float(1.0 / max(float(norm), 1.0)))
+        opt.step()
+
+    step()
+    runs = [_timed(step, sync) for _ in range(3)]
     return statistics.median(runs) / n
 
 

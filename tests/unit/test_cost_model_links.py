@@ -79,3 +79,18 @@ def test_fit_link_recovers_exact_points_and_two_rank_terms():
     assert bw == pytest.approx(3e9, rel=1e-6) and lat == pytest.approx(2e-4, rel=1e-6)
     # An all-reduce measured at 2 ranks as t = a + b / B is 2 steps of latency a/2 and bandwidth B.
     assert _TWO_RANKS["all_reduce"] == (2, 1.0) and _TWO_RANKS["all_gather"] == (1, 0.5)
+
+
+def test_step_scalar_all_reduces_hand_computed():
+    # Token count, gradient norm and loss: 3 all-reduces of a few bytes, each 2 log2(n) latency steps.
+    assert cm.small_allreduce_time(2, 1e-3) == pytest.approx(2e-3)
+    assert cm.small_allreduce_time(16384, 1e-5) == pytest.approx(2 * 14 * 1e-5)
+    assert cm.small_allreduce_time(1, 1.0) == 0.0
+    links = _links()  # measured intra-node all-reduce: 1 ms per step
+    assert cm.step_collectives_time([_group()], 2, links) == pytest.approx(3 * 2e-3)
+    assert cm.step_collectives_time([_group()], 1, links) == 0.0
+    # cpu + sim: the world crosses domains, so the bridge's latency (not measured here: the link's own).
+    sim = cm.GroupSpec(name="sim", backend="sim", devices=1, devices_per_node=1, peak_tflops=1.0, memory_gb=8.0,
+                       domain="sim")
+    assert cm.step_collectives_time([_group(), sim], 2, links) == pytest.approx(
+        3 * 2 * links.latency["cross_domain"])
