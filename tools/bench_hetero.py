@@ -10,7 +10,8 @@
    Both pairs alternate inside one run, so machine load hits both sides alike.
 3. Plans on a cpu(1) + sim(0.5) cluster, each measured by training a small 12-layer GPT for a few
    steps, hand-balanced the way an engineer balances a plan: first each device trains alone on the
-   nominal 2:1 work (calibration); their measured throughputs give the split. Sharing this host with
+   nominal 2:1 work, then again on the split that gave (calibration); their measured throughputs give
+   the split. Sharing this host with
    a cpu rank, sim(0.5) runs at 0.41-0.48 of the CPU, not 0.5: its compute always overlaps the other
    rank's compute (memory bandwidth), while the cpu rank's overlaps the sim's only about half the
    time, the rest being the sim's idling. Then, per round: each device alone on its share (the
@@ -163,10 +164,14 @@ def _plans(iters: int, rounds: int, together: bool, gbs: int, rebalance: bool):
     balances = []
     with tempfile.TemporaryDirectory() as tmp:
         # Calibration: each device alone on the nominal 2:1 work; their per-sample speeds set the split.
+        # Twice: jobs of unequal length let the longer one finish alone, faster, so the second pass
+        # measures again on the first pass's split, where both jobs last about as long.
         nominal = (gbs * 2 // 3, gbs - gbs * 2 // 3)
-        cal = _alone_pair(tmp, "cal", *nominal, iters, together)
-        ratio = cal["sim"] / cal["cpu"]  # tokens/s are per-device throughputs: their ratio is the speed ratio
-        cpu_n, sim_n = balanced_split(gbs, ratio)
+        cpu_n, sim_n = nominal
+        for p in range(2):
+            cal = _alone_pair(tmp, f"cal{p}", cpu_n, sim_n, iters, together)
+            ratio = cal["sim"] / cal["cpu"]  # tokens/s are per-device throughputs: their ratio is the speed ratio
+            cpu_n, sim_n = balanced_split(gbs, ratio)
         layers = balanced_split(NUM_LAYERS, ratio)
         dp_plan = (f"layers: [{NUM_LAYERS}]\npipelines:\n"
                    f"  - {{micro_batch_size: 1, micro_batches: {cpu_n}, stages: [{{group: fast}}]}}\n"
@@ -232,7 +237,7 @@ def _comm(args, env):
 def _report_plans(args):
     plans = _plans(args.iters, args.rounds, args.together, args.gbs, args.rebalance)
     cal, (cpu_n, sim_n), layers = plans["calibration"], plans["split"], plans["layers"]
-    print(f"calibration (each device alone on the nominal 2:1 work): cpu {cal['cpu']:.0f} tokens/s, sim(0.5) "
+    print(f"calibration (each device alone, second pass): cpu {cal['cpu']:.0f} tokens/s, sim(0.5) "
           f"{cal['sim']:.0f} tokens/s -> sim runs at {plans['ratio']:.3f} of the cpu; hand-balanced split "
           f"{cpu_n} + {sim_n} samples, layers {layers[0]} + {layers[1]}")
     ideal = plans["alone"]["cpu"] + plans["alone"]["sim"]
