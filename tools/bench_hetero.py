@@ -9,20 +9,23 @@
    the same four processes. Bandwidth = tensor bytes / time (algorithm bandwidth).
    Both pairs alternate inside one run, so machine load hits both sides alike.
 3. Plans on a cpu(1) + sim(0.5) cluster, each measured by training a small 12-layer GPT for a few
-   steps, hand-balanced the way an engineer balances a plan: first each device trains alone on the
-   nominal 2:1 work, then again on the split that gave (calibration); their measured throughputs give
-   the split. Sharing this host with
-   a cpu rank, sim(0.5) runs at 0.41-0.48 of the CPU, not 0.5: its compute always overlaps the other
-   rank's compute (memory bandwidth), while the cpu rank's overlaps the sim's only about half the
-   time, the rest being the sim's idling. Then, per round: each device alone on its share (the
-   ideal is the sum of their throughputs), data parallel with the batch split by the measured speeds
-   (`--gbs` samples in micro-batches of 1), and a pipeline with the 12 layers split by them, whose
-   balance is the sum of stage compute times / (stages x the largest). The two alone jobs run at the
-   same time (`--no-together`: one by one), since each rank of a plan shares the host with the other.
-   Rounds are interleaved and the median of each measurement is used, so a change in machine load
-   between runs hits all of them alike. With `--rebalance` (default) each round also runs data
-   parallel from the nominal 2:1 split with the runtime's `--rebalance`, which measures the
-   replicas and moves micro-batches itself.
+   steps, balanced by hand the way an engineer balances a plan, from measurements:
+   - calibration: each device trains alone on the nominal 2:1 work, then again on the split that gave
+     (so both alone jobs last about as long); their throughputs give the data-parallel split
+     (`--gbs` samples in micro-batches of 1) and the proportional layer share. Sharing this host
+     with a cpu rank, sim(0.5) runs at about 0.4-0.5 of the CPU, not 0.5: its compute always
+     overlaps the other rank's (memory bandwidth), while the cpu rank's overlaps the sim's only
+     about half the time, the rest being the sim's idling;
+   - the pipeline's layer split: the two splits nearest the proportional share are each tried in a
+     short run and the better balanced is kept (the first stage also embeds, the last also runs the
+     head and the loss).
+   Then, per round: each device alone on its data-parallel share (the ideal is the sum of their
+   throughputs), data parallel with that split, the pipeline (balance = sum of stage compute times /
+   (stages x the largest)) and, with `--rebalance` (default), data parallel from the nominal 2:1
+   split with the runtime's `--rebalance`, which measures the replicas and moves micro-batches
+   itself. The two alone jobs run at the same time (`--no-together`: one by one), since each rank
+   of a plan shares the host with the other. Rounds are interleaved and the median of each
+   measurement is used, so a change in machine load between runs hits all of them alike.
 
     python tools/bench_hetero.py [--mb 16 --reps 9 --iters 6 --rounds 2 --gbs 32]
 
@@ -157,6 +160,33 @@ def balanced_split(total: int, ratio: float) -> tuple:
     return total - sim, sim
 
 
+def _pp_plan(layers) -> str:
+    return (f"layers: [{layers[0]}, {layers[1]}]\npipelines:\n"
+            "  - {micro_batch_size: 2, micro_batches: 8, stages: [{group: fast}, {group: slow}]}\n")
+
+
+def _balance(record) -> float:
+    """Sum of stage compute times / (stages x the largest), for one step's metrics record."""
+    compute = [s["compute_s"] for s in record["stages"].values()]
+    return sum(compute) / (len(compute) * max(compute))
+
+
+def _balanced_layers(tmp, ratio: float, iters: int) -> tuple:
+    """The pipeline's layer split, balanced by hand: the proportional share rounded down and up (the
+    first stage also embeds, the last also computes the head and loss), each tried in a short run, and
+    the better-balanced one kept."""
+    share = NUM_LAYERS / (1 + ratio)  # cpu layers in proportion to the measured speeds
+    candidates = sorted({min(NUM_LAYERS - 1, max(1, int(share))), min(NUM_LAYERS - 1, max(1, int(share) + 1))})
+    if len(candidates) == 1:
+        return candidates[0], NUM_LAYERS - candidates[0]
+    tried = {}
+    for cpu_layers in candidates:
+        layers = (cpu_layers, NUM_LAYERS - cpu_layers)
+        _, steady = _run_plan(tmp, f"try{cpu_layers}", 2, CLUSTER, _pp_plan(layers), max(3, iters // 2), 16)
+        tried[layers] = statistics.median(_balance(rec) for rec in steady)
+    return max(tried, key=tried.get)
+
+
 def _plans(iters: int, rounds: int, together: bool, gbs: int, rebalance: bool):
     """Calibrate, then `rounds` interleaved rounds of: both devices alone on the balanced work, data
     parallel with the balanced split, the pipeline with balanced layers."""
@@ -172,15 +202,14 @@ def _plans(iters: int, rounds: int, together: bool, gbs: int, rebalance: bool):
             cal = _alone_pair(tmp, f"cal{p}", cpu_n, sim_n, iters, together)
             ratio = cal["sim"] / cal["cpu"]  # tokens/s are per-device throughputs: their ratio is the speed ratio
             cpu_n, sim_n = balanced_split(gbs, ratio)
-        layers = balanced_split(NUM_LAYERS, ratio)
+        layers = _balanced_layers(tmp, ratio, iters)
         dp_plan = (f"layers: [{NUM_LAYERS}]\npipelines:\n"
                    f"  - {{micro_batch_size: 1, micro_batches: {cpu_n}, stages: [{{group: fast}}]}}\n"
                    f"  - {{micro_batch_size: 1, micro_batches: {sim_n}, stages: [{{group: slow}}]}}\n")
         nominal_plan = (f"layers: [{NUM_LAYERS}]\npipelines:\n"
                         f"  - {{micro_batch_size: 1, micro_batches: {nominal[0]}, stages: [{{group: fast}}]}}\n"
                         f"  - {{micro_batch_size: 1, micro_batches: {nominal[1]}, stages: [{{group: slow}}]}}\n")
-        pp_plan = (f"layers: [{layers[0]}, {layers[1]}]\npipelines:\n"
-                   "  - {micro_batch_size: 2, micro_batches: 8, stages: [{group: fast}, {group: slow}]}\n")
+        pp_plan = _pp_plan(layers)
         for r in range(rounds):
             alone = _alone_pair(tmp, f"alone{r}", cpu_n, sim_n, iters, together)
             tokens["alone_cpu"].append(alone["cpu"])
@@ -191,9 +220,7 @@ def _plans(iters: int, rounds: int, together: bool, gbs: int, rebalance: bool):
                                                         rebalance=True)[0])
             t, steady = _run_plan(tmp, f"pp{r}", 2, CLUSTER, pp_plan, iters, 16)
             tokens["pp"].append(t)
-            for rec in steady:
-                compute = [s["compute_s"] for s in rec["stages"].values()]
-                balances.append(sum(compute) / (len(compute) * max(compute)))
+            balances += [_balance(rec) for rec in steady]
     med = {name: statistics.median(v) for name, v in tokens.items()}
     return {"alone": {"cpu": med["alone_cpu"], "sim": med["alone_sim"]}, "dp_tokens": med["dp"],
             "dp_rebalance_tokens": med.get("dp_rebalance"), "nominal": nominal,
