@@ -153,12 +153,14 @@ def _speed_ratio(profiles) -> str:
     return f"{sum(profiles['fast'].times[key]) / sum(profiles['slow'].times[key]):.3f} ({key})"
 
 
-def autoplan_pipeline(iters: int, rounds: int = 2):
+def autoplan_pipeline(iters: int, rounds: int = 2, detail: bool = False, neighbours: bool = False):
     """Auto-planned 2-stage pipeline of a 12-layer model on cpu(1)+sim(0.5) against its ideal (0.75 x the
     homogeneous pipeline, cpu + sim at speed 1, measured in the same run) and the uniform 6+6 split.
 
     The split is what `--cluster` planning chooses with the stage count fixed at 2 (autoplan.search_uniform
-    on the groups' co-running profiles); the runs pass it as --pipeline-layers."""
+    on the groups' co-running profiles); the runs pass it as --pipeline-layers. detail: each run's
+    per-stage compute seconds per step (sim idling included) next to its step time. neighbours: also
+    the splits one layer either side of the planner's, to see whether a better one existed."""
     os.environ["OMP_NUM_THREADS"] = "1"  # what run_case gives each rank: the same profile
     from megahet.hetero.autoplan import measure_profiles, search_uniform
     from megahet.hetero.planner import Settings
@@ -179,12 +181,20 @@ def autoplan_pipeline(iters: int, rounds: int = 2):
           flush=True)
     runs = {"homogeneous 6+6 (cpu + sim 1.0)": (homo, [6, 6]), f"auto {layers[0]}+{layers[1]} (cpu + sim 0.5)":
             (hetero, layers), "uniform 6+6 (cpu + sim 0.5)": (hetero, [6, 6])}
+    if neighbours:
+        for a in (layers[0] - 1, layers[0] + 1):
+            if 0 < a < 12 and a != 6:
+                runs[f"other {a}+{12 - a} (cpu + sim 0.5)"] = (hetero, [a, 12 - a])
     tokens = {k: [] for k in runs}
     for r in range(rounds):
         for i, (name, (cl, split)) in enumerate(runs.items()):
-            step = run_case(cl, {"pipeline_model_parallel_size": 2, "pipeline_layers": split, "micro_batch_size": 2},
-                            {**model}, iters, 29750 + 10 * r + i)
+            out = run_case(cl, {"pipeline_model_parallel_size": 2, "pipeline_layers": split, "micro_batch_size": 2},
+                           {**model}, iters, 29750 + 10 * r + i, detail=detail)
+            step = out[0] if detail else out
             tokens[name].append(16 * model["seq_length"] / step)
+            if detail:
+                print(f"    {name:<34} step {step:.3f} s, stage compute "
+                      + " / ".join(f"{c:.3f}" for c in out[1]) + " s", flush=True)
         names = list(runs)
         print(f"  round {r + 1} (load {_load()}): " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in tokens.items())
               + f" tokens/s; auto / ideal {tokens[names[1]][-1] / (0.75 * tokens[names[0]][-1]):.3f}", flush=True)
@@ -309,13 +319,14 @@ def main():
     ap.add_argument("--autoplan", action="store_true", help="only the auto-plan quality measurement (pipeline)")
     ap.add_argument("--detail", action="store_true", help="also per-stage compute, predicted and measured")
     ap.add_argument("--memory", action="store_true", help="only predicted vs measured peak memory")
+    ap.add_argument("--neighbours", action="store_true", help="--autoplan: also the splits one layer either side")
     ap.add_argument("--together", action="store_true", help="--autoplan-dp: run the two alone jobs at once")
     ap.add_argument("--autoplan-dp", action="store_true", help="only the auto-plan quality measurement (data "
                     "parallel vs each device alone)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of the auto-plan measurement")
     args = ap.parse_args()
     if args.autoplan:
-        autoplan_pipeline(args.iters, args.rounds)
+        autoplan_pipeline(args.iters, args.rounds, args.detail, args.neighbours)
         return
     if args.memory:
         memory_table()
