@@ -1,8 +1,10 @@
 """Predicted vs measured step time of cpu+sim plans run for real on this machine.
 
-For each case: profile the model here (fresh, not cached: the machine's load changes), predict the
-plan, then train it for a few steps with torchrun (mock data) and take the median step time after
-warm-up. Profile and run alternate case by case so both see about the same load.
+For each case: profile the model here (fresh, not cached: the machine's load changes; every rank of
+the case's cluster measured at the same time, as the job runs them), predict the plan, then train it
+for a few steps with torchrun (mock data) and take the median step time after warm-up. Profile and
+run alternate case by case so both see about the same load. The gloo link figures (pipeline message
+and each collective) are measured once at the start.
 
     python tools/bench_planner_measured.py [--iters 6] [--only dp,pp]
 
@@ -27,7 +29,7 @@ from megahet.hetero.plan import Plan, even_layers  # noqa: E402
 from megahet.hetero.planner import cluster_groups  # noqa: E402
 from megahet.hetero.predict import Options, predict  # noqa: E402
 from megahet.hetero.process_memory import runtime_overhead  # noqa: E402
-from megahet.hetero.profile import load_or_measure, measure_links  # noqa: E402
+from megahet.hetero.profile import load_or_measure, load_or_measure_together, measure_links  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 MODEL = dict(hidden_size=256, num_attention_heads=4, seq_length=128, vocab_size=2048, global_batch_size=8,
@@ -106,10 +108,20 @@ def predict_case(cluster_raw, layout, model, profile, links_prof):
 
 
 def case_profile(cfg, cluster_raw):
-    """The CPU profile of a case's model, measured fresh (the host's load changes)."""
-    return load_or_measure(cfg.model, params_dtype(cfg), threads=1, repeats=5,
-                           micro_batch_sizes=(cfg.train.micro_batch_size,), vocab_size=cfg.model.vocab_size,
-                           use_cache=False)
+    """What cluster_groups takes for the case: {group: its own profile}, every rank of the cluster measured
+    at the same time as the job will run them (a sim rank idling as the sim backend does), fresh (the
+    host's load changes)."""
+    ranks = [(g["name"], 1.0 if g["backend"] == "cpu" else float(g.get("speed", 1.0)))
+             for g in cluster_raw["groups"] for _ in range(g["devices"])]
+    kw = dict(threads=1, micro_batch_sizes=(cfg.train.micro_batch_size,), vocab_size=cfg.model.vocab_size,
+              use_cache=False)
+    if len(ranks) == 1:
+        return load_or_measure(cfg.model, params_dtype(cfg), repeats=5, **kw)
+    out = {}
+    for (group, _), prof in zip(ranks, load_or_measure_together(cfg.model, params_dtype(cfg),
+                                                                [s for _, s in ranks], **kw)):
+        out.setdefault(group, prof)  # a group's first rank speaks for it
+    return out
 
 
 def run_case(cluster_raw, layout, model, iters, port, detail=False):
