@@ -11,7 +11,7 @@ Sections:
   and two sites.
 - memory: the cost model's parameter count per rank against the real model built on the `meta` device
   for chosen ranks (TP / EP shards, first / middle / last stage).
-The measured cpu+sim comparison is tools/bench_hetero.py's job (it runs real training).
+The measured cpu+sim comparison is tools/bench_planner_measured.py's job (it runs real training).
 """
 import argparse
 import os
