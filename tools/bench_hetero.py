@@ -17,7 +17,7 @@
      overlaps the other rank's (memory bandwidth), while the cpu rank's overlaps the sim's only
      about half the time, the rest being the sim's idling;
    - the pipeline's layer split: the two splits nearest the proportional share are each tried in a
-     short run and the better balanced is kept (the first stage also embeds, the last also runs the
+     run of `--iters` steps and the better balanced (median over its steps) is kept (the first stage also embeds, the last also runs the
      head and the loss).
    Then, per round: each device alone on its data-parallel share (the ideal is the sum of their
    throughputs), data parallel with that split, the pipeline (balance = sum of stage compute times /
@@ -173,8 +173,9 @@ def _balance(record) -> float:
 
 def _balanced_layers(tmp, ratio: float, iters: int) -> tuple:
     """The pipeline's layer split, balanced by hand: the proportional share rounded down and up (the
-    first stage also embeds, the last also computes the head and loss), each tried in a short run, and
-    the better-balanced one kept."""
+    first stage also embeds, the last also computes the head and loss), each tried, and the better
+    balanced one kept. The data-parallel speed ratio does not carry over exactly: in a pipeline both
+    ranks also wait for each other, which changes how much their compute overlaps."""
     share = NUM_LAYERS / (1 + ratio)  # cpu layers in proportion to the measured speeds
     candidates = sorted({min(NUM_LAYERS - 1, max(1, int(share))), min(NUM_LAYERS - 1, max(1, int(share) + 1))})
     if len(candidates) == 1:
@@ -182,7 +183,7 @@ def _balanced_layers(tmp, ratio: float, iters: int) -> tuple:
     tried = {}
     for cpu_layers in candidates:
         layers = (cpu_layers, NUM_LAYERS - cpu_layers)
-        _, steady = _run_plan(tmp, f"try{cpu_layers}", 2, CLUSTER, _pp_plan(layers), max(3, iters // 2), 16)
+        _, steady = _run_plan(tmp, f"try{cpu_layers}", 2, CLUSTER, _pp_plan(layers), iters, 16)
         tried[layers] = statistics.median(_balance(rec) for rec in steady)
     return max(tried, key=tried.get)
 
