@@ -362,6 +362,19 @@ def compute_time(group: GroupSpec, spec: ModelSpec, what: str, mbs: int, tp: int
     return StageTimes(fwd, 2.0 * fwd)
 
 
+def recompute_time(group: GroupSpec, spec: ModelSpec, what: str, mbs: int, tp: int) -> StageTimes:
+    """Forward / backward seconds of a fully recomputed `what` layer for one micro-batch: measured where
+    the profile timed a checkpointed layer (its forward and its backward's recompute both cost more than
+    a plain layer's: +8-14% for the whole here), else the plain layer with one more forward in backward."""
+    t = compute_time(group, spec, what, mbs, tp)
+    prof = group.profile
+    measured = prof.recompute_time(what, mbs) if prof is not None and hasattr(prof, "recompute_time") else None
+    if measured is None:
+        return StageTimes(t.fwd, t.bwd + t.fwd)
+    scale = 1.0 / (group.speed * tp)
+    return StageTimes(measured[0] * scale, measured[1] * scale)
+
+
 def elementwise_bytes_per_token(spec: ModelSpec, tp: int) -> float:
     """Memory traffic of a layer's non-GEMM forward ops per token (bandwidth-bound, so not in FLOPs).
 

@@ -161,12 +161,11 @@ def _chunk_cost(spec, group, links, layer_ids, first, last, mbs, tp, ep, recompu
         key = ("moe" if spec.is_moe(i) else "dense", rc)
         counts[key] = counts.get(key, 0) + 1
     for (kind, rc), n in counts.items():
-        t = cm.compute_time(group, spec, kind, mbs, tp)
+        t = cm.recompute_time(group, spec, kind, mbs, tp) if rc == "full" else cm.compute_time(
+            group, spec, kind, mbs, tp)
         fwd += n * t.fwd
         bwd += n * t.bwd
-        if rc == "full":
-            bwd += n * t.fwd
-        elif rc == "selective":
+        if rc == "selective":
             bwd += n * t.fwd * 0.1  # attention core only
         act += n * tokens * _act_per_token(spec, group, kind, tp, rc)
     if first:

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from megahet.errors import MegahetError
 
@@ -62,6 +63,20 @@ class Profile:
             return f * mbs / b, w * mbs / b
         (b0, v0), (b1, v1) = _bracket(pts, mbs)
         return tuple(v0[i] + (v1[i] - v0[i]) * (mbs - b0) / (b1 - b0) for i in (0, 1))  # type: ignore
+
+    def recompute_time(self, what: str, mbs: int) -> Optional[Tuple[float, float]]:
+        """(fwd, bwd) seconds of `what` under full recompute at micro-batch `mbs` (the backward reruns the
+        forward): `time(what, mbs)` scaled by the measured ratio of a checkpointed layer to a plain one,
+        or None when not measured (then the cost model adds one forward)."""
+        hit = [(int(k.split("/")[1]), v) for k, v in self.times.items() if k.split("/")[0] == f"{what}-recompute"]
+        if not hit:
+            return None
+        b0, (cf, cb) = hit[0]
+        f, b = self.time(what, b0)
+        if f <= 0 or f + b <= 0:
+            return None
+        fwd, bwd = self.time(what, mbs)
+        return fwd * cf / f, (fwd + bwd) * (cf + cb) / (f + b) - fwd * cf / f
 
     def activation_bytes(self, what: str, recompute: Optional[str]) -> Optional[float]:
         return self.act_bytes.get(f"{what}/{recompute or 'none'}")
@@ -316,6 +331,12 @@ def measure(model_cfg, dtype: torch.dtype, *, backend: str = "cpu", threads: int
             tick(f"head + loss, micro-batch {mbs}")
         mbs = micro_batch_sizes[0]
         tokens_n = mbs * seq
+        for k in kinds:  # a layer under full recompute, as models/gpt.py runs it (checkpoint, non-reentrant)
+            layer = modules[k]
+            x = torch.randn(seq, mbs, h, dtype=dtype, device=ctx.device)
+            prof.times[f"{k}-recompute/{mbs}"] = _fwd_bwd(
+                lambda x=x, layer=layer: checkpoint(lambda t: layer(t, rope), x.requires_grad_(), use_reentrant=False),
+                sync, repeats, after_compute, together)
         for k in kinds:
             layer = modules[k]
             for rc in ("none", "selective"):

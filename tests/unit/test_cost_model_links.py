@@ -94,3 +94,22 @@ def test_step_scalar_all_reduces_hand_computed():
                        domain="sim")
     assert cm.step_collectives_time([_group(), sim], 2, links) == pytest.approx(
         3 * 2 * links.latency["cross_domain"])
+
+
+def test_recompute_time_scales_the_layer_by_the_measured_checkpoint_ratio():
+    from megahet.hetero.profile import Profile
+    # Plain layer at mbs 2: 10 ms forward, 20 ms backward; checkpointed at mbs 2: 11 ms forward and
+    # 22 ms backward (the forward rerun inside it): ratio 33 / 30 on the whole, 11 / 10 on the forward.
+    prof = Profile(backend="cpu", key="k", times={"dense/2": [0.010, 0.020], "dense/4": [0.020, 0.040],
+                                                   "dense-recompute/2": [0.011, 0.022]})
+    assert prof.time("dense", 2) == (0.010, 0.020)  # the recompute key is not a micro-batch point
+    f, b = prof.recompute_time("dense", 4)
+    assert f == pytest.approx(0.022) and f + b == pytest.approx(0.060 * 33 / 30)
+    g = _group()
+    g.profile, g.speed = prof, 0.5
+    t = cm.recompute_time(g, _spec(), "dense", 4, 2)  # sim speed 0.5 and TP 2 cancel: x 1
+    assert t.fwd == pytest.approx(0.022) and t.bwd == pytest.approx(0.066 - 0.022)
+    # Not measured: one more forward in backward.
+    g.profile = Profile(backend="cpu", key="k", times={"dense/2": [0.010, 0.020]})
+    t = cm.recompute_time(g, _spec(), "dense", 2, 1)
+    assert (t.fwd, t.bwd) == (pytest.approx(0.020), pytest.approx(0.060))
