@@ -15,12 +15,14 @@ continues from the split reached (`saved_split`), not the plan file's.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from megahet.errors import MegahetError
+from megahet.hetero.batch_split import min_max_split
 from megahet.hetero.plan import Plan
 from megahet.parallel.context import ParallelContext
 
@@ -61,8 +63,8 @@ def best_split(cost_per_sample: Sequence[float], global_batch_size: int,
     the global batch and minimising the slowest replica's time; None when no such split exists.
 
     Equal micro-batch sizes: greedy (each next micro-batch to the replica that would finish it earliest),
-    optimal for identical jobs on machines of different speeds. Mixed sizes: the smallest feasible step
-    time by bisection, feasibility by a subset-sum over sample counts (a Python int as bitset).
+    optimal for identical jobs on machines of different speeds. Mixed sizes: the exact min-max split
+    (batch_split.min_max_split, shared with the planner).
     """
     sizes = list(micro_batch_sizes)
     if len(set(sizes)) == 1:
@@ -74,40 +76,9 @@ def best_split(cost_per_sample: Sequence[float], global_batch_size: int,
             r = min(range(len(sizes)), key=lambda i: ((counts[i] + 1) * cost_per_sample[i], i))
             counts[r] += 1
         return [c * m for c in counts]
-    limits = sorted({k * m * c for m, c in zip(sizes, cost_per_sample) for k in range(1, global_batch_size // m + 1)})
-    lo, hi, found = 0, len(limits) - 1, None
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        split = _split_within(limits[mid], cost_per_sample, sizes, global_batch_size)
-        if split is None:
-            lo = mid + 1
-        else:
-            found, hi = split, mid - 1
-    return found
-
-
-def _split_within(limit: float, cost: Sequence[float], sizes: Sequence[int], total: int) -> Optional[List[int]]:
-    """Samples per replica summing to `total`, each replica's time <= `limit`, or None."""
-    mask = (1 << (total + 1)) - 1
-    layers = [1]  # layers[i]: bitset of sample totals reachable with replicas < i
-    for m, c in zip(sizes, cost):
-        most = min(int(limit / (m * c) + 1e-9) if c > 0 else total // m, total // m)
-        if most < 1:
-            return None
-        nxt = 0
-        for k in range(1, most + 1):
-            nxt |= layers[-1] << (k * m)
-        layers.append(nxt & mask)
-    if not (layers[-1] >> total) & 1:
-        return None
-    out, left = [0] * len(sizes), total
-    for i in range(len(sizes) - 1, -1, -1):  # walk back: pick a count whose remainder was reachable
-        m = sizes[i]
-        for k in range(1, left // m + 1):
-            if k * m * cost[i] <= limit + 1e-12 and (layers[i] >> (left - k * m)) & 1:
-                out[i], left = k * m, left - k * m
-                break
-    return out
+    times = [[s * c if s % m == 0 else math.inf for s in range(global_batch_size + 1)]
+             for m, c in zip(sizes, cost_per_sample)]
+    return min_max_split(times, global_batch_size)
 
 
 def predicted_step(sizes: Sequence[int], cost_per_sample: Sequence[float]) -> float:
