@@ -100,9 +100,7 @@ def plan_job(cfg, cluster, given: Optional[Dict[str, object]] = None, *, measure
         spec = replace(spec, flash_attention=False)
     groups = cluster_groups(cluster, prof)
     links = cm.Links.from_cluster(cluster.links)
-    for kind, (bw, lat) in _measured_links(prof).items():
-        if kind not in (cluster.links or {}):
-            links.bandwidth[kind], links.latency[kind] = bw, lat
+    links.apply_measured(_measured_links(prof), cluster.links)  # what the spec does not set itself
     s = settings or Settings(distributed_optimizer=cfg.parallel.use_distributed_optimizer,
                              overlap_grad_reduce=cfg.parallel.overlap_grad_reduce, use_all_devices=not allow_idle)
     c = constraints_from_flags(given or {}, cfg)

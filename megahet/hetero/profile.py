@@ -356,7 +356,7 @@ def measure(model_cfg, dtype: torch.dtype, *, backend: str = "cpu", threads: int
             out = head(hidden_states=x, labels=torch.randint(0, vocab_size, (mbs, seq)))
         prof.act_bytes["head/none"] = meter.total / tokens_n
         del out
-        prof.optimizer_s_per_param = _adam_seconds_per_param(sync)
+        prof.optimizer_s_per_param = _adam_seconds_per_param(sync, ctx)
         prof.peak_tflops = ctx.backend.peak_flops(dtype) / 1e12
         tick("optimizer step")
     finally:
@@ -402,10 +402,11 @@ def _fwd_bwd(fn, sync, repeats: int, after_compute=None, together: Optional[_Tog
     return [statistics.median(fwds), statistics.median(bwds)]
 
 
-def _adam_seconds_per_param(sync, n: int = 2_000_000, pieces: int = 8) -> float:
-    """Seconds per parameter of the runtime's optimizer step (training/optimizer.py): the gradient norm
-    (one multi-tensor norm), clipping (one multi-tensor scale) and AdamW with the kernel
+def _adam_seconds_per_param(sync, ctx, n: int = 2_000_000, pieces: int = 8) -> float:
+    """Seconds per parameter of the runtime's optimizer step (training/optimizer.py): the job-wide
+    gradient norm and clipping (training/grad_norm.py) and AdamW with the kernel
     --optimizer-implementation auto picks on this device, over `pieces` tensors as a model has many."""
+    from megahet.training.grad_norm import clip_grads, global_grad_norm
     from megahet.training.optimizer import optimizer_flags
     params = [torch.nn.Parameter(torch.randn(n // pieces)) for _ in range(pieces)]
     for p in params:
@@ -414,8 +415,7 @@ def _adam_seconds_per_param(sync, n: int = 2_000_000, pieces: int = 8) -> float:
     grads = [p.grad for p in params]
 
     def step():
-        norm = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum().sqrt()
-        torch._foreach_mul_(grads, float(1.0 / max(float(norm), 1.0)))
+        clip_grads(grads, 1.0, global_grad_norm(params, ctx, grads))
         opt.step()
 
     step()
@@ -477,26 +477,26 @@ def _link_times(sizes, repeats):
     import torch.distributed as dist
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    from megahet.parallel.comm import _ALL_GATHER, _REDUCE_SCATTER
     header = torch.zeros(10, dtype=torch.int64)
     a, w = torch.randn(256, 512), torch.randn(512, 512)
 
     def message(buf):  # as boundary.StageP2P: the shape header, then the data, waited on together
         if rank == 0:
-            for w in [dist.isend(header, 1, tag=0), dist.isend(buf, 1, tag=1)]:
-                w.wait()
-            for w in [dist.irecv(header, 1, tag=0), dist.irecv(buf, 1, tag=1)]:
-                w.wait()
+            for work in [dist.isend(header, 1, tag=0), dist.isend(buf, 1, tag=1)]:
+                work.wait()
+            for work in [dist.irecv(header, 1, tag=0), dist.irecv(buf, 1, tag=1)]:
+                work.wait()
         else:
-            for w in [dist.irecv(header, 0, tag=0), dist.irecv(buf, 0, tag=1)]:
-                w.wait()
-            for w in [dist.isend(header, 0, tag=0), dist.isend(buf, 0, tag=1)]:
-                w.wait()
+            for work in [dist.irecv(header, 0, tag=0), dist.irecv(buf, 0, tag=1)]:
+                work.wait()
+            for work in [dist.isend(header, 0, tag=0), dist.isend(buf, 0, tag=1)]:
+                work.wait()
 
     out: Dict[str, List[Tuple[int, float]]] = {op: [] for op in _TWO_RANKS}
     for size in sizes:
         n = max(size // 4, 2) // 2 * 2  # fp32 elements, even so the halves split evenly
         buf, half = torch.zeros(n), torch.zeros(n // 2)
-        from megahet.parallel.comm import _ALL_GATHER, _REDUCE_SCATTER
         runs = {"p2p": (lambda: message(buf), 2),
                 "all_reduce": (lambda: dist.all_reduce(buf), 1),
                 "all_gather": (lambda: _ALL_GATHER(buf, half), 1),
