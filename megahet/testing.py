@@ -36,6 +36,10 @@ def free_port() -> int:
 def _child(fn, rank, world_size, port, env, args, kwargs, results):
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world_size)})
+    # Started from a torchrun rank (auto-planning's measurements), the children are their own world: with
+    # torchrun's agent-store flag inherited, init_process_group would wait for an agent's store that
+    # is not at this port instead of serving one.
+    os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
     os.environ.update(env)
     try:
         import torch

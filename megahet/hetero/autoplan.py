@@ -2,6 +2,14 @@
 
 Backends present here (cpu, and sim which is CPU compute) are profiled once per model shape (cached);
 other devices are costed from FLOPs and their spec. Layout flags fix that part of the search.
+
+When every rank of the cluster is a cpu/sim rank here and there are 2+ of them, gloo's links are
+measured too (profile.load_or_measure_links, cached) for the link kinds the spec does not set. What a
+cpu/sim rank holds outside the model (process_memory.runtime_overhead, ~80 MB here) is charged as
+Profile.reserved_bytes: always by tools/plan.py (it reports memory per rank); at job start when it is
+cached, or when the chosen plan leaves a cpu/sim rank less than RESERVED_MARGIN_GB (then measured
+once and planned again): the probe costs ~4-6 s the first time per model shape, and a charge smaller
+than the margin cannot change a plan that has the margin to spare (it only removes plans).
 """
 from __future__ import annotations
 
@@ -18,6 +26,9 @@ from megahet.hetero.planner import Constraints, Result, Settings, cluster_groups
 log = logging.getLogger("megahet")
 
 _PROFILED = ("cpu", "sim")
+# Job start measures the process overhead (~0.08 GB here) only for a plan with less headroom than this
+# on some cpu/sim rank (12x the measured figure: other hosts' libraries and thread counts hold more).
+RESERVED_MARGIN_GB = 1.0
 
 
 def params_dtype(cfg) -> torch.dtype:
@@ -66,9 +77,45 @@ def profile_for(cfg, cluster, *, measure: bool = True, progress=None, vocab_size
     return measure_profiles(cfg, cluster, progress=progress, vocab_size=vocab_size)
 
 
-def _measured_links(prof) -> Dict[str, List[float]]:
-    profs = prof.values() if isinstance(prof, dict) else [prof] if prof is not None else []
-    return next((p.links for p in profs if p.links), {})
+def measured_links(cluster, *, progress=None) -> Dict[str, List[float]]:
+    """gloo's figures measured here ("kind" / "kind/op" -> [bytes/s, s], cached) when every rank of the
+    cluster is a cpu/sim rank on this host and there are 2+ of them; else {}. Link kinds are not per
+    backend in the cost model, so a cluster with GPU/NPU groups keeps its spec's or the default figures
+    (gloo's would replace NVLink's); one local rank exchanges nothing."""
+    ranks = local_speeds(cluster)
+    if len(ranks) < 2 or any(g.backend not in _PROFILED for g in cluster.groups):
+        return {}
+    from megahet.hetero.profile import load_or_measure_links
+    return load_or_measure_links(len(ranks), local_threads(cluster), progress=progress)
+
+
+def job_links(cluster, measured: Dict[str, List[float]]) -> cm.Links:
+    """The cluster spec's links, measured figures for the kinds it does not set, defaults for the rest."""
+    return cm.Links.from_cluster(cluster.links).apply_measured(measured, cluster.links)
+
+
+def _set_reserved(prof, nbytes: float) -> None:
+    for p in (prof.values() if isinstance(prof, dict) else [prof]):
+        p.reserved_bytes = float(nbytes)
+
+
+def _overhead(cfg, progress=None) -> float:
+    from megahet.hetero.process_memory import cached_overhead, runtime_overhead
+    hit = cached_overhead(cfg)
+    if hit is not None:
+        return hit
+    if progress:
+        progress(0, 1, "process memory: one-layer probe")
+    out = runtime_overhead(cfg)
+    if progress:
+        progress(1, 1, "process memory: one-layer probe")
+    return out
+
+
+def _short_of_memory(groups: Dict[str, cm.GroupSpec], pred) -> bool:
+    """Whether the plan leaves some cpu/sim rank less than RESERVED_MARGIN_GB of its memory."""
+    used = {n: pred.groups.get(n, {}).get("memory_gb", 0.0) for n in groups}
+    return any(g.backend in _PROFILED and g.memory_gb - used[n] < RESERVED_MARGIN_GB for n, g in groups.items())
 
 
 def constraints_from_flags(given: Dict[str, object], cfg) -> Constraints:
@@ -98,9 +145,10 @@ def plan_job(cfg, cluster, given: Optional[Dict[str, object]] = None, *, measure
     spec = cm.ModelSpec.from_config(cfg, vocab_size)
     if not flash_attention:
         spec = replace(spec, flash_attention=False)
+    if prof is not None:
+        _set_reserved(prof, _overhead(cfg, progress))  # the report shows memory per rank: always charged
     groups = cluster_groups(cluster, prof)
-    links = cm.Links.from_cluster(cluster.links)
-    links.apply_measured(_measured_links(prof), cluster.links)  # what the spec does not set itself
+    links = job_links(cluster, measured_links(cluster, progress=progress) if measure else {})
     s = settings or Settings(distributed_optimizer=cfg.parallel.use_distributed_optimizer,
                              overlap_grad_reduce=cfg.parallel.overlap_grad_reduce, use_all_devices=not allow_idle)
     c = constraints_from_flags(given or {}, cfg)
@@ -199,17 +247,45 @@ def _uniform_layers(probe, spec, groups, links, mbs, tp, ep, rc, v):
     return [u * v for u in units]
 
 
-def _profile_once(cfg, cluster):
-    """The profiles every local rank reads: the first to take the lock measures, the others wait for it."""
+def _once(fn, *args):
+    """fn(*args) under this host's auto-planning lock: the first local rank measures (and caches), the
+    others wait for it and read the cache."""
     import fcntl
     from megahet.hetero.profile import cache_dir
     os.makedirs(cache_dir(), exist_ok=True)
     with open(os.path.join(cache_dir(), ".auto.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            return measure_profiles(cfg, cluster)
+            return fn(*args)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _log_progress(done: int, total: int, label: str) -> None:
+    if done == 0:
+        log.info("megahet: measuring %s (first time; cached afterwards)", label)
+
+
+def _measure_once(cfg, cluster):
+    """(profiles, measured links) every local rank reads, measured once per host (see _once)."""
+    if not any(g.backend in _PROFILED for g in cluster.groups):
+        return None, {}
+    return _once(lambda: (measure_profiles(cfg, cluster), measured_links(cluster, progress=_log_progress)))
+
+
+def _plan_charging_reserved(cfg, cluster, prof, plan):
+    """plan(groups) -> (result, Prediction), with the process overhead charged on cpu/sim ranks when it
+    is cached, or when the plan is short of memory without it (then measured once and planned again)."""
+    from megahet.hetero.process_memory import cached_overhead
+    reserved = cached_overhead(cfg) if prof is not None else None
+    if reserved is not None:
+        _set_reserved(prof, reserved)
+    groups = cluster_groups(cluster, prof)
+    out = plan(groups)
+    if reserved is None and prof is not None and _short_of_memory(groups, out[1]):
+        _set_reserved(prof, _once(_overhead, cfg, _log_progress))
+        out = plan(cluster_groups(cluster, prof))
+    return out
 
 
 def auto_layout(cfg, cluster, vocab_size: Optional[int] = None) -> dict:
@@ -220,12 +296,16 @@ def auto_layout(cfg, cluster, vocab_size: Optional[int] = None) -> dict:
     fixed: Dict[str, object] = {k: getattr(p, k) for k, d in _DEFAULTS.items() if getattr(p, k) != d}
     if t.recompute_granularity is not None:
         fixed["recompute_granularity"] = t.recompute_granularity
-    prof = _profile_once(cfg, cluster) if any(g.backend in _PROFILED for g in cluster.groups) else None
+    prof, measured = _measure_once(cfg, cluster)
     spec = cm.ModelSpec.from_config(cfg, vocab_size)
-    groups = cluster_groups(cluster, prof)
-    links = cm.Links.from_cluster(cluster.links)
+    links = job_links(cluster, measured)
     settings = Settings(distributed_optimizer=p.use_distributed_optimizer, overlap_grad_reduce=p.overlap_grad_reduce)
-    plan, pred, rc = search_uniform(spec, groups, links, cluster, t.global_batch_size, fixed, settings)
+
+    def plan_on(groups):
+        best = search_uniform(spec, groups, links, cluster, t.global_batch_size, fixed, settings)
+        return best, best[1]
+
+    (plan, pred, rc), _ = _plan_charging_reserved(cfg, cluster, prof, plan_on)
     tp = plan["pipelines"][0]["stages"][0]["tensor_parallel"]
     p.tensor_model_parallel_size, p.pipeline_model_parallel_size = tp, len(plan["layers"])
     p.expert_model_parallel_size = plan["expert_parallel"]
@@ -254,24 +334,35 @@ def layout_flags_given(cfg) -> bool:
     return any(getattr(p, k) != d for k, d in _DEFAULTS.items())
 
 
-def choose_plan(cfg, cluster):
-    """The planner's plan for `--cluster` without `--plan` (a runtime Plan, every device used).
-
-    Every local rank calls this and gets the same plan: the profile is measured once under a file lock
-    and read from the cache by the others. Applies the chosen recompute to `cfg`.
-    """
-    from megahet.hetero.plan import Plan
+def plan_at_start(cfg, cluster) -> Result:
+    """The planner's Result for `--cluster` without `--plan` (every device used): profiles and links
+    measured once per host and cached, the process overhead charged as the module docstring says."""
     p, t = cfg.parallel, cfg.train
-    prof = _profile_once(cfg, cluster) if any(g.backend in _PROFILED for g in cluster.groups) else None
+    prof, measured = _measure_once(cfg, cluster)
     vocab = cfg.model.vocab_size or (cfg.data.builtin_vocab_size if not cfg.data.tokenizer_model else None)
     spec = cm.ModelSpec.from_config(cfg, vocab)
-    groups = cluster_groups(cluster, prof)
-    links = cm.Links.from_cluster(cluster.links)
+    links = job_links(cluster, measured)
     settings = Settings(distributed_optimizer=p.use_distributed_optimizer, overlap_grad_reduce=p.overlap_grad_reduce)
     c = Constraints()
     if t.recompute_granularity is not None:
         c.recompute = t.recompute_granularity
-    res = search(spec, groups, links, t.global_batch_size, c, settings)
+
+    def plan_on(groups):
+        found = search(spec, groups, links, t.global_batch_size, replace(c), settings)
+        return found, found.prediction
+
+    return _plan_charging_reserved(cfg, cluster, prof, plan_on)[0]
+
+
+def choose_plan(cfg, cluster):
+    """The planner's plan for `--cluster` without `--plan` (a runtime Plan, every device used).
+
+    Every local rank calls this and gets the same plan: the profile and links are measured once under
+    a file lock and read from the cache by the others. Applies the chosen recompute to `cfg`.
+    """
+    from megahet.hetero.plan import Plan
+    t = cfg.train
+    res = plan_at_start(cfg, cluster)
     if res.options.recompute != t.recompute_granularity:
         t.recompute_granularity = res.options.recompute
         if t.recompute_granularity == "full" and t.recompute_method is None:

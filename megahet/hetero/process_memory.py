@@ -54,19 +54,36 @@ def predicted_model_bytes(cfg) -> float:
     return mem.states + act + cm.moe_buffer_bytes(spec, tokens)
 
 
+def _cache_path(overrides: dict) -> str:
+    from megahet.hetero.profile import cache_dir
+    text = json.dumps([overrides, torch.__version__], sort_keys=True, default=str)
+    return os.path.join(cache_dir(), f"process-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json")
+
+
+def cached_overhead(cfg) -> Optional[float]:
+    """runtime_overhead(cfg) when it has been measured before (free), else None."""
+    path = _cache_path(probe_overrides(cfg))
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as fh:
+            return float(json.load(fh)["runtime_overhead_bytes"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def runtime_overhead(cfg, *, use_cache: bool = True, timeout: float = 300.0) -> float:
-    """Bytes a cpu rank training `cfg`'s model holds outside the model (see the module docstring)."""
+    """Bytes a cpu rank training `cfg`'s model holds outside the model (see the module docstring).
+
+    The first time per model shape it trains the one-layer probe: ~4-6 s here, mostly the fresh
+    interpreter's imports (autoplan charges it at job start only where it can matter)."""
     from megahet.config import build_config
     from megahet.hetero.profile import cache_dir
     overrides = probe_overrides(cfg)
-    text = json.dumps([overrides, torch.__version__], sort_keys=True, default=str)
-    path = os.path.join(cache_dir(), f"process-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json")
-    if use_cache and os.path.exists(path):
-        try:
-            with open(path) as fh:
-                return float(json.load(fh)["runtime_overhead_bytes"])
-        except (OSError, ValueError, KeyError):
-            pass
+    path = _cache_path(overrides)
+    hit = cached_overhead(cfg) if use_cache else None
+    if hit is not None:
+        return hit
     env = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
     for k in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "GROUP_RANK", "LOCAL_WORLD_SIZE"):
         env.pop(k, None)

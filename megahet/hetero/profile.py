@@ -431,7 +431,7 @@ _TWO_RANKS = {"p2p": (1, 1.0), "all_reduce": (2, 1.0), "all_gather": (1, 0.5), "
 
 
 def measure_links(sizes: Sequence[int] = (1 << 12, 1 << 16, 1 << 18, 1 << 20, 1 << 23), repeats: int = 20,
-                  timeout: float = 300.0) -> Dict[str, List[float]]:
+                  timeout: float = 300.0, threads: int = 1) -> Dict[str, List[float]]:
     """Bandwidth and latency of gloo between two local processes (the intra-node CPU link and, host
     staged, the bridge between a cpu and a sim domain), fitted by message size for a pipeline message
     ("intra_node", "cross_domain") and for each collective the runtime issues ("intra_node/all_reduce",
@@ -441,11 +441,12 @@ def measure_links(sizes: Sequence[int] = (1 << 12, 1 << 16, 1 << 18, 1 << 20, 1 
     both ranks, averaged (not the median: a step pays every slow one). Back to back on idle ranks a
     4 KB all-reduce takes ~0.35 ms here; after compute it takes ~2 ms on average (the peer arrives
     later, gloo's threads must be woken and scheduled), which is what a TP layer's four all-reduces
-    per micro-batch cost in a real step.
+    per micro-batch cost in a real step. `threads`: each rank's thread count (the compute between
+    messages runs with it).
     """
     from megahet.testing import run_distributed
     res = run_distributed(_link_times, 2, list(sizes), repeats, timeout=timeout,
-                          env={"MEGAHET_TEST_THREADS": "1"})
+                          env={"MEGAHET_TEST_THREADS": str(threads)})
     out: Dict[str, List[float]] = {}
     for op, points in res[0].items():
         steps, share = _TWO_RANKS[op]
@@ -513,4 +514,59 @@ def _link_times(sizes, repeats):
                 if i:  # the first run warms up
                     times.append((time.perf_counter() - t0) / trips)
             out[op].append((n * 4, statistics.mean(times)))
+    return out
+
+
+# -- links at job start -------------------------------------------------------------------------------
+# What auto-planning measures (load_or_measure_links): the benchmark's range of sizes less its 256 KB
+# point, 10 timed runs each instead of 20. Every timed run follows a few ms of compute, so the
+# benchmark's 5 sizes x 21 runs x 5 messages took 5-12 s here (two processes started included); these
+# take 2.6-3.5 s, once per torch version, thread count and local world size. Four sizes still span a
+# step's messages (4 KB scalars and small TP / pipeline messages up to 8 MB gradient buckets) for the
+# two-parameter fit, and the mean of 10 runs after compute keeps the slow wake-ups a step pays; on
+# this shared machine the figures of two runs differ about as much as two of the benchmark's.
+JOB_LINK_SIZES = (1 << 12, 1 << 16, 1 << 20, 1 << 23)
+JOB_LINK_REPEATS = 10
+
+
+def links_key(threads: int, world: int, sizes: Sequence[int], repeats: int) -> str:
+    text = json.dumps([threads, world, list(sizes), repeats, torch.__version__])
+    return f"links-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def load_or_measure_links(world: int, threads: int, *, sizes: Sequence[int] = JOB_LINK_SIZES,
+                          repeats: int = JOB_LINK_REPEATS, progress: Optional[Progress] = None,
+                          use_cache: bool = True) -> Dict[str, List[float]]:
+    """measure_links' figures for a job of `world` local ranks with `threads` threads each, cached under
+    cache_dir() so planning again is free; {} (the cost model's defaults) when they cannot be measured.
+
+    A daemonic process (a test's spawned rank) may not start the two measuring processes: it takes the
+    cached figures if there are any, else the defaults, with a warning (as load_or_measure_together
+    falls back). A failed measurement is cached as failed, so the other local ranks plan with the same
+    (default) figures rather than measuring again and perhaps succeeding: a warning names the file to
+    delete to measure again.
+    """
+    path = os.path.join(cache_dir(), links_key(threads, world, sizes, repeats) + ".json")
+    cached = _read_cache(path) if use_cache else None
+    if isinstance(cached, dict) and "failed" in cached:
+        log.warning("megahet: gloo links not measured (%s); planning with the cluster spec's links or cost_model's "
+                    "defaults; delete %s to measure again", cached["failed"], path)
+        return {}
+    if isinstance(cached, dict) and cached:
+        return {k: [float(x) for x in v] for k, v in cached.items()}
+    import multiprocessing as mp
+    if mp.current_process().daemon:
+        log.warning("megahet: gloo links not measured (no child processes allowed here, no cached figures in "
+                    "%s); planning with the cluster spec's links or cost_model's defaults", cache_dir())
+        return {}
+    if progress:
+        progress(0, 1, "links: gloo between 2 ranks")
+    try:
+        out = measure_links(sizes, repeats, timeout=60.0, threads=threads)
+    except (RuntimeError, OSError) as exc:  # testing.DistributedTestError is a RuntimeError
+        _write_cache(path, {"failed": (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]})
+        return load_or_measure_links(world, threads, sizes=sizes, repeats=repeats)
+    if progress:
+        progress(1, 1, "links: gloo between 2 ranks")
+    _write_cache(path, out)
     return out
