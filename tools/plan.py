@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="Print one JSON object (step_time_s, tokens_per_s, ...).")
     g.add_argument("--output", default=None, help="Write the plan as YAML for --plan.")
     g.add_argument("--figure", default=None, help="Draw groups x stages and the simulated timeline (PNG).")
-    g.add_argument("--no-profile", action="store_true", help="Cost cpu/sim groups from FLOPs too (needs tflops).")
+    g.add_argument("--no-profile", action="store_true",
+                   help="Cost cpu/sim groups from FLOPs too (needs tflops); measure no links or process memory.")
     g.add_argument("--layout", choices=["mixed", "split"], default=None,
                    help="Only mixed pipelines (stages on several groups) or only split ones (one group each).")
     g.add_argument("--allow-idle", action="store_true",
