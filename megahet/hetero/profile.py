@@ -527,6 +527,7 @@ def _link_times(sizes, repeats):
 # this shared machine the figures of two runs differ about as much as two of the benchmark's.
 JOB_LINK_SIZES = (1 << 12, 1 << 16, 1 << 20, 1 << 23)
 JOB_LINK_REPEATS = 10
+LINKS_RETRY_S = 600.0  # a failed measurement stands for the other ranks of one job start, not for later jobs
 
 
 def links_key(threads: int, world: int, sizes: Sequence[int], repeats: int) -> str:
@@ -542,16 +543,18 @@ def load_or_measure_links(world: int, threads: int, *, sizes: Sequence[int] = JO
 
     A daemonic process (a test's spawned rank) may not start the two measuring processes: it takes the
     cached figures if there are any, else the defaults, with a warning (as load_or_measure_together
-    falls back). A failed measurement is cached as failed, so the other local ranks plan with the same
-    (default) figures rather than measuring again and perhaps succeeding: a warning names the file to
-    delete to measure again.
+    falls back). A failed measurement is cached as failed for LINKS_RETRY_S, so the other local ranks
+    of that job start plan with the same (default) figures rather than measuring again and perhaps
+    succeeding; a later job measures again.
     """
     path = os.path.join(cache_dir(), links_key(threads, world, sizes, repeats) + ".json")
     cached = _read_cache(path) if use_cache else None
-    if isinstance(cached, dict) and "failed" in cached:
+    if isinstance(cached, dict) and "failed" in cached and time.time() - cached.get("at", 0.0) < LINKS_RETRY_S:
         log.warning("megahet: gloo links not measured (%s); planning with the cluster spec's links or cost_model's "
-                    "defaults; delete %s to measure again", cached["failed"], path)
+                    "defaults", cached["failed"])
         return {}
+    if isinstance(cached, dict) and "failed" in cached:
+        cached = None
     if isinstance(cached, dict) and cached:
         return {k: [float(x) for x in v] for k, v in cached.items()}
     import multiprocessing as mp
@@ -564,7 +567,8 @@ def load_or_measure_links(world: int, threads: int, *, sizes: Sequence[int] = JO
     try:
         out = measure_links(sizes, repeats, timeout=60.0, threads=threads)
     except (RuntimeError, OSError) as exc:  # testing.DistributedTestError is a RuntimeError
-        _write_cache(path, {"failed": (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]})
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+        _write_cache(path, {"failed": why, "at": time.time()})
         return load_or_measure_links(world, threads, sizes=sizes, repeats=repeats)
     if progress:
         progress(1, 1, "links: gloo between 2 ranks")
