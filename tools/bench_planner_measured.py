@@ -1,7 +1,9 @@
 """Predicted vs measured step time of cpu+sim plans run for real on this machine.
 
-For each case: profile the model here (fresh, not cached: the machine's load changes; every rank of
-the case's cluster measured at the same time, as the job runs them), predict the plan, then train it
+For each case: profile the model here (fresh, not cached: the machine's load changes; by default one
+rank alone plus how much k ranks computing at once slow each other, which the predictor applies over
+the plan's simulated timeline; with --profiles together, every rank of the case's cluster measured at
+the same time, as the job runs them), predict the plan, then train it
 for a few steps with torchrun (mock data) and take the median step time after warm-up. Profile and
 run alternate case by case so both see about the same load. The gloo link figures (pipeline message
 and each collective) are measured once at the start.
@@ -29,7 +31,8 @@ from megahet.hetero.plan import Plan, even_layers  # noqa: E402
 from megahet.hetero.planner import cluster_groups  # noqa: E402
 from megahet.hetero.predict import Options, predict  # noqa: E402
 from megahet.hetero.process_memory import runtime_overhead  # noqa: E402
-from megahet.hetero.profile import load_or_measure, load_or_measure_together, measure_links  # noqa: E402
+from megahet.hetero.profile import (load_or_measure, load_or_measure_contention, load_or_measure_together,  # noqa: E402
+                                    measure_links)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 MODEL = dict(hidden_size=256, num_attention_heads=4, seq_length=128, vocab_size=2048, global_batch_size=8,
@@ -104,19 +107,24 @@ def predict_case(cluster_raw, layout, model, profile, links_prof):
     links = cm.Links.from_cluster(cluster.links).apply_measured(links_prof, cluster.links)
     opts = Options(recompute=cfg.train.recompute_granularity,
                    distributed_optimizer=cfg.parallel.use_distributed_optimizer)
-    return predict(plan, spec, groups, links, opts), cfg
+    return predict(plan, spec, groups, links, opts, keep_timeline=True), cfg
 
 
-def case_profile(cfg, cluster_raw):
-    """What cluster_groups takes for the case: {group: its own profile}, every rank of the cluster measured
-    at the same time as the job will run them (a sim rank idling as the sim backend does), fresh (the
-    host's load changes)."""
+def case_profile(cfg, cluster_raw, mode="solo"):
+    """What cluster_groups takes for the case, fresh (the host's load changes). solo: one CPU profile
+    timed alone, carrying this host's contention curve for the case's rank count (the predictor stretches
+    each chunk by the ranks computing beside it in the simulated timeline). together: {group: its own
+    profile}, every rank of the cluster measured at the same time (a sim rank idling as the sim backend
+    does)."""
     ranks = [(g["name"], 1.0 if g["backend"] == "cpu" else float(g.get("speed", 1.0)))
              for g in cluster_raw["groups"] for _ in range(g["devices"])]
     kw = dict(threads=1, micro_batch_sizes=(cfg.train.micro_batch_size,), vocab_size=cfg.model.vocab_size,
               use_cache=False)
-    if len(ranks) == 1:
-        return load_or_measure(cfg.model, params_dtype(cfg), repeats=5, **kw)
+    if len(ranks) == 1 or mode == "solo":
+        prof = load_or_measure(cfg.model, params_dtype(cfg), repeats=5, **kw)
+        prof.contention = load_or_measure_contention(cfg.model, params_dtype(cfg), len(ranks), threads=1,
+                                                     mbs=cfg.train.micro_batch_size, use_cache=False)
+        return prof
     out = {}
     for (group, _), prof in zip(ranks, load_or_measure_together(cfg.model, params_dtype(cfg),
                                                                 [s for _, s in ranks], **kw)):
@@ -336,6 +344,9 @@ def main():
     ap.add_argument("--autoplan-dp", action="store_true", help="only the auto-plan quality measurement (data "
                     "parallel vs each device alone)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of the auto-plan measurement")
+    ap.add_argument("--profiles", choices=("solo", "together"), default="solo",
+                    help="solo: one rank timed alone + the host's contention curve (default); together: "
+                    "every rank of the case timed at the same time")
     args = ap.parse_args()
     if args.autoplan:
         autoplan_pipeline(args.iters, args.rounds, args.detail, args.neighbours)
@@ -351,13 +362,15 @@ def main():
     print("gloo here (after compute, mean): " + "; ".join(
         f"{k.split('/')[-1] if '/' in k else 'pipeline message'} {bw / 1e9:.2f} GB/s {lat * 1e6:.0f} us"
         for k, (bw, lat) in links_prof.items() if k.startswith("intra_node")))
+    print(f"profiles: {args.profiles}; load average {_load()}")
     print(f"{'case':<22} {'predicted s':>11} {'measured s':>11} {'error':>7}   plan")
     errors = []
     for i, name in enumerate(names):
         cluster_raw, layout, model = CASES[name]
         cfg = build_config(overrides={**MODEL, **model, "mock_data": True, "train_iters": 10}, validate=False)
         def profiled():
-            return predict_case(cluster_raw, layout, model, case_profile(cfg, cluster_raw), links_prof)[0]
+            return predict_case(cluster_raw, layout, model, case_profile(cfg, cluster_raw, args.profiles),
+                                links_prof)[0]
 
         # Profile before and after the run and average: the host's load drifts over minutes.
         before = profiled()
@@ -369,10 +382,7 @@ def main():
         desc = ", ".join(f"{k}={v}" for k, v in layout.items()) or "dp"
         print(f"{name:<22} {predicted:>11.3f} {measured:>11.3f} {err * 100:>+6.1f}%   {desc}", flush=True)
         if args.detail:
-            world = sum(g["devices"] for g in cluster_raw["groups"])
-            dp = world // (layout.get("tensor_model_parallel_size", 1) * layout.get("pipeline_model_parallel_size", 1))
-            m = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
-            busy = [m * (a.fwd_s + a.bwd_s + b.fwd_s + b.bwd_s) / 2 for a, b in zip(before.stages, after.stages)]
+            busy = [(a + b) / 2 for a, b in zip(before.slowest.busy, after.slowest.busy)]  # contention included
             print(f"{'':<22} compute per stage predicted {', '.join(f'{x:.3f}' for x in busy)} measured "
                   f"{', '.join(f'{x:.3f}' for x in compute)}; predicted pipeline "
                   f"{(before.pipeline_time_s + after.pipeline_time_s) / 2:.3f} + dp "
