@@ -302,7 +302,7 @@ def load_or_measure_contention(model_cfg, dtype: torch.dtype, ranks: int, *, thr
     res = run_distributed(_contention_rank, ranks, model_cfg, dtype, threads, mbs, min_seconds, timeout=timeout,
                           env={"MEGAHET_TEST_THREADS": str(threads)})
     alone = res[0][0]
-    curve = [1.0] + [statistics.mean(res[r][k - 1] for r in range(k)) / alone for k in range(2, ranks + 1)]
+    curve = [1.0] + [statistics.mean(res[r][k - 1 - r] for r in range(k)) / alone for k in range(2, ranks + 1)]
     _write_cache(path, curve)
     return curve
 
@@ -310,7 +310,8 @@ def load_or_measure_contention(model_cfg, dtype: torch.dtype, ranks: int, *, thr
 def _contention_rank(model_cfg, dtype, threads, mbs, min_seconds):
     """One rank of load_or_measure_contention (a run_distributed child): for k = 1..world, ranks below k
     time a dense layer's forward + backward at the same time (each until every one of them has run
-    `min_seconds`), the others wait. Returns this rank's median seconds for each k it took part in."""
+    `min_seconds`), the others wait. Returns this rank's median seconds for each k it took part in
+    (k = rank + 1, ..., world)."""
     from datetime import timedelta
 
     import torch.distributed as dist
