@@ -110,7 +110,7 @@ def predict_case(cluster_raw, layout, model, profile, links_prof):
     return predict(plan, spec, groups, links, opts, keep_timeline=True), cfg
 
 
-def case_profile(cfg, cluster_raw, mode="solo"):
+def case_profile(cfg, cluster_raw, mode="solo", min_seconds=1.0):
     """What cluster_groups takes for the case, fresh (the host's load changes). solo: one CPU profile
     timed alone, carrying this host's contention curve for the case's rank count (the predictor stretches
     each chunk by the ranks computing beside it in the simulated timeline). together: {group: its own
@@ -121,13 +121,15 @@ def case_profile(cfg, cluster_raw, mode="solo"):
     kw = dict(threads=1, micro_batch_sizes=(cfg.train.micro_batch_size,), vocab_size=cfg.model.vocab_size,
               use_cache=False)
     if len(ranks) == 1 or mode == "solo":
-        prof = load_or_measure(cfg.model, params_dtype(cfg), repeats=5, **kw)
+        prof = load_or_measure(cfg.model, params_dtype(cfg), repeats=5, min_seconds=min_seconds, **kw)
         prof.contention = load_or_measure_contention(cfg.model, params_dtype(cfg), len(ranks), threads=1,
-                                                     mbs=cfg.train.micro_batch_size, use_cache=False)
+                                                     mbs=cfg.train.micro_batch_size, use_cache=False,
+                                                     min_seconds=1.5 * min_seconds)
         return prof
     out = {}
     for (group, _), prof in zip(ranks, load_or_measure_together(cfg.model, params_dtype(cfg),
-                                                                [s for _, s in ranks], **kw)):
+                                                                [s for _, s in ranks], min_seconds=min_seconds,
+                                                                **kw)):
         out.setdefault(group, prof)  # a group's first rank speaks for it
     return out
 
@@ -334,7 +336,7 @@ def memory_table():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--iters", type=int, default=6)
+    ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--only", default=None, help="comma-separated case names")
     ap.add_argument("--autoplan", action="store_true", help="only the auto-plan quality measurement (pipeline)")
     ap.add_argument("--detail", action="store_true", help="also per-stage compute, predicted and measured")
@@ -344,9 +346,13 @@ def main():
     ap.add_argument("--autoplan-dp", action="store_true", help="only the auto-plan quality measurement (data "
                     "parallel vs each device alone)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of the auto-plan measurement")
-    ap.add_argument("--profiles", choices=("solo", "together"), default="solo",
-                    help="solo: one rank timed alone + the host's contention curve (default); together: "
-                    "every rank of the case timed at the same time")
+    ap.add_argument("--profiles", choices=("solo", "together", "both"), default="both",
+                    help="solo: one rank timed alone + the host's contention curve; together: every rank of "
+                    "the case timed at the same time; both (default): each, side by side")
+    ap.add_argument("--runs", type=int, default=2, help="runs of each case (profiled before, between, after)")
+    ap.add_argument("--min-seconds", type=float, default=1.0, help="seconds each profiled item is timed for")
+    ap.add_argument("--allocator", choices=("retain", "default"), default="retain",
+                    help="glibc allocator settings of the cases and profiles (--host-allocator)")
     args = ap.parse_args()
     if args.autoplan:
         autoplan_pipeline(args.iters, args.rounds, args.detail, args.neighbours)
@@ -358,37 +364,76 @@ def main():
         autoplan_dp(args.iters, args.rounds, together=args.together)
         return
     names = args.only.split(",") if args.only else list(CASES)
+    if args.allocator == "retain":
+        retain_freed_memory()
+    modes = ("solo", "together") if args.profiles == "both" else (args.profiles,)
     links_prof = measure_links()
     print("gloo here (after compute, mean): " + "; ".join(
         f"{k.split('/')[-1] if '/' in k else 'pipeline message'} {bw / 1e9:.2f} GB/s {lat * 1e6:.0f} us"
         for k, (bw, lat) in links_prof.items() if k.startswith("intra_node")))
-    print(f"profiles: {args.profiles}; load average {_load()}")
-    print(f"{'case':<22} {'predicted s':>11} {'measured s':>11} {'error':>7}   plan")
-    errors = []
+    print(f"profiles: {', '.join(modes)}; {args.runs} runs of {args.iters} steps per case, profiled before, "
+          f"between and after; allocator {args.allocator}; load average {_load()}")
+    print(f"{'case':<22} " + " ".join(f"{'predicted ' + m:>17} {'error':>7}" for m in modes)
+          + f" {'measured s':>11}   plan")
+    errors = {m: [] for m in modes}
     for i, name in enumerate(names):
         cluster_raw, layout, model = CASES[name]
         cfg = build_config(overrides={**MODEL, **model, "mock_data": True, "train_iters": 10}, validate=False)
-        def profiled():
-            return predict_case(cluster_raw, layout, model, case_profile(cfg, cluster_raw, args.profiles),
-                                links_prof)[0]
+        preds = {m: [] for m in modes}
+        curves = []
 
-        # Profile before and after the run and average: the host's load drifts over minutes.
-        before = profiled()
-        measured, compute = run_case(cluster_raw, layout, model, args.iters, 29700 + i, detail=True)
-        after = profiled()
-        predicted = (before.step_time_s + after.step_time_s) / 2
-        err = predicted / measured - 1
-        errors.append(abs(err))
+        def profile_all():
+            for m in modes:
+                prof = case_profile(cfg, cluster_raw, m, args.min_seconds)
+                if m == "solo":
+                    curves.append(prof.contention)
+                preds[m].append(predict_case(cluster_raw, layout, model, prof, links_prof)[0])
+
+        # The host's speed drifts by +-15% from second to second and more over minutes: profile before,
+        # between and after the runs, and average each side.
+        steps, computes = [], []
+        profile_all()
+        for r in range(args.runs):
+            step, compute = run_case(cluster_raw, layout, model, args.iters, 29700 + 10 * i + r, detail=True)
+            steps.append(step)
+            computes.append(compute)
+            profile_all()
+        measured = statistics.mean(steps)
+        row = f"{name:<22} "
+        for m in modes:
+            predicted = statistics.mean(p.step_time_s for p in preds[m])
+            err = predicted / measured - 1
+            errors[m].append(abs(err))
+            row += f"{predicted:>17.3f} {err * 100:>+6.1f}% "
         desc = ", ".join(f"{k}={v}" for k, v in layout.items()) or "dp"
-        print(f"{name:<22} {predicted:>11.3f} {measured:>11.3f} {err * 100:>+6.1f}%   {desc}", flush=True)
+        print(f"{row}{measured:>11.3f}   {desc}", flush=True)
         if args.detail:
-            busy = [(a + b) / 2 for a, b in zip(before.slowest.busy, after.slowest.busy)]  # contention included
-            print(f"{'':<22} compute per stage predicted {', '.join(f'{x:.3f}' for x in busy)} measured "
-                  f"{', '.join(f'{x:.3f}' for x in compute)}; predicted pipeline "
-                  f"{(before.pipeline_time_s + after.pipeline_time_s) / 2:.3f} + dp "
-                  f"{(before.dp_exposed_s + after.dp_exposed_s) / 2:.3f} + optimizer "
-                  f"{(before.optimizer_s + after.optimizer_s) / 2:.3f} s", flush=True)
-    print(f"mean |error| {statistics.mean(errors) * 100:.1f}%, max {max(errors) * 100:.1f}%")
+            print(f"{'':<22} runs {', '.join(f'{x:.3f}' for x in steps)} s; measured compute per stage "
+                  + ", ".join(f"{statistics.mean(c[k] for c in computes):.3f}" for k in range(len(computes[0])))
+                  + (f"; contention curve (mean) "
+                     + ", ".join(f"{statistics.mean(c[k] for c in curves):.2f}" for k in range(len(curves[0])))
+                     if curves else ""), flush=True)
+            for m in modes:
+                ps = preds[m]
+                busy = [statistics.mean(p.slowest.busy[k] for p in ps) for k in range(len(ps[0].slowest.busy))]
+                print(f"{'':<22} {m}: compute per stage {', '.join(f'{x:.3f}' for x in busy)}; pipeline "
+                      f"{statistics.mean(p.pipeline_time_s for p in ps):.3f} + dp "
+                      f"{statistics.mean(p.dp_exposed_s for p in ps):.3f} + optimizer "
+                      f"{statistics.mean(p.optimizer_s for p in ps):.3f} s; single profiles "
+                      + ", ".join(f"{p.step_time_s:.3f}" for p in ps), flush=True)
+    for m in modes:
+        print(f"{m}: mean |error| {statistics.mean(errors[m]) * 100:.1f}%, max {max(errors[m]) * 100:.1f}%, "
+              f"within 10%: {sum(e <= 0.10 for e in errors[m])} of {len(errors[m])}")
+
+
+def retain_freed_memory():
+    """Cases and profiles with glibc keeping freed memory (--host-allocator retain, by its environment
+    variables so every child process inherits it): without it each step page-faults its activations
+    back, and a process's step time depends on its allocation history (the same job measured 0.58-0.82
+    s in three runs, 0.61-0.66 s with it)."""
+    from megahet.host_allocator import configure_host_allocator
+    os.environ.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="2147483647")
+    configure_host_allocator("retain")
 
 
 if __name__ == "__main__":

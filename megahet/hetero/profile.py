@@ -109,7 +109,8 @@ def profile_key(backend: str, model_cfg, dtype: torch.dtype, threads: int, mbs: 
 
 def load_or_measure(model_cfg, dtype: torch.dtype, *, backend: str = "cpu", threads: Optional[int] = None,
                     micro_batch_sizes: Sequence[int] = (1, 2, 4), vocab_size: int = 32000,
-                    progress: Optional[Progress] = None, repeats: int = 3, use_cache: bool = True) -> Profile:
+                    progress: Optional[Progress] = None, repeats: int = 3, use_cache: bool = True,
+                    min_seconds: float = 0.0) -> Profile:
     """The cached profile of this model shape on `backend`, measuring it on a miss."""
     threads = threads or torch.get_num_threads()
     key = profile_key(backend, model_cfg, dtype, threads, list(micro_batch_sizes))
@@ -118,7 +119,7 @@ def load_or_measure(model_cfg, dtype: torch.dtype, *, backend: str = "cpu", thre
     if cached:
         return Profile(**cached)
     prof = measure(model_cfg, dtype, backend=backend, threads=threads, micro_batch_sizes=micro_batch_sizes,
-                   vocab_size=vocab_size, progress=progress, repeats=repeats)
+                   vocab_size=vocab_size, progress=progress, repeats=repeats, min_seconds=min_seconds)
     prof.key = key
     _write_cache(path, asdict(prof))
     return prof
@@ -127,14 +128,15 @@ def load_or_measure(model_cfg, dtype: torch.dtype, *, backend: str = "cpu", thre
 def load_or_measure_together(model_cfg, dtype: torch.dtype, speeds: Sequence[float], *,
                              threads: Optional[int] = None, micro_batch_sizes: Sequence[int] = (1, 2, 4),
                              vocab_size: int = 32000, progress: Optional[Progress] = None, repeats: int = 3,
-                             use_cache: bool = True, timeout: float = 1800.0) -> List[Profile]:
+                             use_cache: bool = True, timeout: float = 1800.0,
+                             min_seconds: float = 0.3) -> List[Profile]:
     """One profile per rank that will share this host, all measured at the same time, as they will run.
 
     speeds[i]: 1.0 for a cpu rank, the speed of a sim rank. Ranks on one host slow each other down (here
     mostly by sharing memory bandwidth), and by how much depends on what the others do: a sim rank's
     compute always overlaps a co-runner's, a cpu rank's overlaps a sim rank's only while that one is not
     idling. So each rank measures in its own process, a sim rank idles (1/speed - 1) x each chunk as the
-    sim backend does, each timed item starts on every rank at once and repeats (at least 0.3 s) until
+    sim backend does, each timed item starts on every rank at once and repeats (at least `min_seconds`) until
     every rank has its samples, and a sim rank's times include its idling: its effective speed next to
     the others, not speed x an unloaded CPU. Cached under (shape, dtype, threads, micro-batch sizes, all
     speeds, torch version).
@@ -153,13 +155,14 @@ def load_or_measure_together(model_cfg, dtype: torch.dtype, speeds: Sequence[flo
         log.warning("megahet: profiling %d co-running ranks one after another (no child processes allowed "
                     "here); contention between them is not measured", len(speeds))
         profs = [measure(model_cfg, dtype, threads=threads, micro_batch_sizes=micro_batch_sizes,
-                         vocab_size=vocab_size, repeats=repeats, after_compute=_idler(s)) for s in speeds]
+                         vocab_size=vocab_size, repeats=repeats, after_compute=_idler(s), min_seconds=min_seconds)
+                 for s in speeds]
         for prof, s in zip(profs, speeds):
             _label_sim(prof, s)
     else:
         from megahet.testing import run_distributed
         profs = run_distributed(_measure_rank, len(speeds), model_cfg, dtype, threads, list(micro_batch_sizes),
-                                vocab_size, repeats, speeds, timeout=timeout,
+                                vocab_size, repeats, speeds, min_seconds, timeout=timeout,
                                 env={"MEGAHET_TEST_THREADS": str(threads)})
     if progress:
         progress(1, 1, f"profiled {len(speeds)} co-running ranks")
@@ -255,7 +258,7 @@ class _Together:
         return self._count(f"done{self.item}") >= self.world
 
 
-def _measure_rank(model_cfg, dtype, threads, mbs, vocab_size, repeats, speeds):
+def _measure_rank(model_cfg, dtype, threads, mbs, vocab_size, repeats, speeds, min_seconds=0.3):
     """One of several co-running measurements (a run_distributed child); returns this rank's Profile."""
     from datetime import timedelta
 
@@ -264,7 +267,7 @@ def _measure_rank(model_cfg, dtype, threads, mbs, vocab_size, repeats, speeds):
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, rank == 0,
                           timeout=timedelta(seconds=600))
     prof = measure(model_cfg, dtype, threads=threads, micro_batch_sizes=mbs, vocab_size=vocab_size,
-                   repeats=repeats, after_compute=_idler(speeds[rank]), together=_Together(store, world, 0.3))
+                   repeats=repeats, after_compute=_idler(speeds[rank]), together=_Together(store, world, min_seconds))
     _label_sim(prof, speeds[rank])
     store.add("left", 1)
     while rank == 0 and int(store.add("left", 0)) < world:  # rank 0 serves the store: it leaves last
@@ -277,7 +280,7 @@ def load_or_measure_contention(model_cfg, dtype: torch.dtype, ranks: int, *, thr
                                timeout: float = 300.0) -> List[float]:
     """How much ranks sharing this host slow each other's compute: [s(1) = 1, s(2), ..., s(ranks)].
 
-    s(k) is a dense layer's forward + backward time while k ranks (each its own process, `threads`
+    s(k) is the forward + backward time of a stack of the model's dense layers (up to 8) while k ranks (each its own process, `threads`
     threads) run it at the same moment, over its time with one rank running. On this 2-vCPU VM two
     busy ranks take ~1.85x as long each (they share cores and memory bandwidth), four ~3.7x. How often
     k ranks compute at once is a property of the plan's timeline, not of a rank (a sim rank idles
@@ -307,6 +310,11 @@ def load_or_measure_contention(model_cfg, dtype: torch.dtype, ranks: int, *, thr
     return curve
 
 
+# Layers in the contention probe: a rank's working set (weights, activations) decides how much it
+# competes for caches and memory bandwidth; one small layer fits in cache and understates it.
+_CONTENTION_LAYERS = 8
+
+
 def _contention_rank(model_cfg, dtype, threads, mbs, min_seconds):
     """One rank of load_or_measure_contention (a run_distributed child): for k = 1..world, ranks below k
     time a dense layer's forward + backward at the same time (each until every one of them has run
@@ -326,19 +334,21 @@ def _contention_rank(model_cfg, dtype, threads, mbs, min_seconds):
     seq, h = cfg.seq_length, cfg.hidden_size
     rope = rotary_tables(cfg.max_position_embeddings or seq, cfg.kv_channels, cfg.rotary_base, ctx.device) \
         if cfg.position_embedding_type == "rope" else None
-    layer_id = next((i for i in range(cfg.num_layers) if not is_moe_layer(cfg, i)), 0)
+    dense = [i for i in range(cfg.num_layers) if not is_moe_layer(cfg, i)][:_CONTENTION_LAYERS] or [0]
     torch.manual_seed(0)
-    layer = TransformerLayer(cfg, ctx, layer_id, 1234, False, dtype, ctx.device, None)
+    layers = [TransformerLayer(cfg, ctx, i, 1234, False, dtype, ctx.device, None) for i in dense]
     x = torch.randn(seq, mbs, h, dtype=dtype, device=ctx.device, requires_grad=True)
 
     def step():
-        out = layer(x, rope)
+        out = x
+        for layer in layers:
+            out = layer(out, rope)
         out.backward(torch.ones_like(out))
 
-    def barrier(name):
-        store.add(name, 1)
-        while int(store.add(name, 0)) < world:
-            time.sleep(0.001)
+    def barrier(name):  # blocking, not polling: a polling rank would load the host it is measuring
+        if int(store.add(name, 1)) == world:
+            store.set(f"{name}/go", "1")
+        store.wait([f"{name}/go"])
 
     step()  # warm-up
     medians = []
@@ -363,12 +373,13 @@ def _contention_rank(model_cfg, dtype, threads, mbs, min_seconds):
 
 def measure(model_cfg, dtype: torch.dtype, *, backend: str = "cpu", threads: int = 1,
             micro_batch_sizes: Sequence[int] = (1, 2, 4), vocab_size: int = 32000,
-            progress: Optional[Progress] = None, repeats: int = 3,
+            progress: Optional[Progress] = None, repeats: int = 3, min_seconds: float = 0.0,
             after_compute: Optional[Callable[[float], None]] = None, together: Optional[_Together] = None) -> Profile:
     """Time and measure the pieces of `model_cfg` (a finalized ModelConfig) on this machine's `backend`.
 
     after_compute(seconds): called after each timed chunk (a sim rank's idling); the times include it.
     together: co-running ranks that time each item at the same time as this one.
+    min_seconds: alone, time each item for at least this long.
     """
     from megahet.models.gpt import GPTModel
     from megahet.models.transformer import TransformerLayer, is_moe_layer, rotary_tables
@@ -410,16 +421,16 @@ def measure(model_cfg, dtype: torch.dtype, *, backend: str = "cpu", threads: int
                 layer = modules[k]
                 x = torch.randn(seq, mbs, h, dtype=dtype, device=ctx.device)
                 prof.times[f"{k}/{mbs}"] = _fwd_bwd(lambda x=x, layer=layer: layer(x.requires_grad_(), rope),
-                                                    sync, repeats, after_compute, together)
+                                                    sync, repeats, after_compute, together, min_seconds=min_seconds)
                 tick(f"{k} layer, micro-batch {mbs}")
             tokens = torch.randint(0, vocab_size, (mbs, seq), device=ctx.device)
             prof.times[f"embed/{mbs}"] = _fwd_bwd(lambda t=tokens: embed(tokens=t), sync, repeats, after_compute,
-                                                  together)
+                                                  together, min_seconds=min_seconds)
             tick(f"embedding, micro-batch {mbs}")
             hidden = torch.randn(seq, mbs, h, dtype=dtype, device=ctx.device)
             prof.times[f"head/{mbs}"] = _fwd_bwd(
                 lambda x=hidden, t=tokens: head(hidden_states=x.requires_grad_(), labels=t).sum(), sync, repeats,
-                after_compute, together)
+                after_compute, together, min_seconds=min_seconds)
             tick(f"head + loss, micro-batch {mbs}")
         mbs = micro_batch_sizes[0]
         tokens_n = mbs * seq
@@ -428,7 +439,7 @@ def measure(model_cfg, dtype: torch.dtype, *, backend: str = "cpu", threads: int
             x = torch.randn(seq, mbs, h, dtype=dtype, device=ctx.device)
             prof.times[f"{k}-recompute/{mbs}"] = _fwd_bwd(
                 lambda x=x, layer=layer: checkpoint(lambda t: layer(t, rope), x.requires_grad_(), use_reentrant=False),
-                sync, repeats, after_compute, together)
+                sync, repeats, after_compute, together, min_seconds=min_seconds)
         for k in kinds:
             layer = modules[k]
             for rc in ("none", "selective"):
@@ -456,11 +467,13 @@ def measure(model_cfg, dtype: torch.dtype, *, backend: str = "cpu", threads: int
     return prof
 
 
-def _fwd_bwd(fn, sync, repeats: int, after_compute=None, together: Optional[_Together] = None) -> List[float]:
+def _fwd_bwd(fn, sync, repeats: int, after_compute=None, together: Optional[_Together] = None,
+             min_seconds: float = 0.0) -> List[float]:
     """Median forward and backward seconds of `fn()` (its output backpropagated with a ones gradient),
     each including `after_compute(its compute seconds)` when given (a sim rank's idling).
 
-    Alone: one warm-up run and `repeats` timed ones. Together: started with the co-running ranks, for at
+    Alone: one warm-up run and `repeats` timed ones, or more until `min_seconds` have passed (this VM's
+    speed drifts by +-15% from one second to the next: a tenth of a second samples one moment). Together: started with the co-running ranks, for at
     least their `min_seconds`, and on until every rank has its samples (the median drops the outliers
     a shared host gives a few runs)."""
     fwds, bwds = [], []
@@ -483,7 +496,7 @@ def _fwd_bwd(fn, sync, repeats: int, after_compute=None, together: Optional[_Tog
         i += 1
         enough = i > repeats
         if together is None:
-            if enough:
+            if enough and time.perf_counter() - t0 >= min_seconds:
                 break
             continue
         if not marked and enough and time.perf_counter() - t0 >= together.min_seconds:
