@@ -1,14 +1,17 @@
 """Predicted vs measured step time of cpu+sim plans run for real on this machine.
 
-For each case: profile the model here (fresh, not cached: the machine's load changes; by default one
-rank alone plus how much k ranks computing at once slow each other, which the predictor applies over
-the plan's simulated timeline; with --profiles together, every rank of the case's cluster measured at
-the same time, as the job runs them), predict the plan, then train it
-for a few steps with torchrun (mock data) and take the median step time after warm-up. Profile and
-run alternate case by case so both see about the same load. The gloo link figures (pipeline message
-and each collective) are measured once at the start.
+For each case: profile the model here (fresh, not cached: the machine's speed drifts by +-15% from one
+second to the next and more over minutes), predict the plan, train it with torchrun (mock data) and take
+the median step time after two warm-up steps; twice, profiling before, between and after the runs, and
+compare the mean prediction with the mean measurement. Two kinds of profile, side by side by default:
+solo (one rank timed alone, plus how much k ranks computing at once slow each other, which the predictor
+applies over the plan's simulated timeline: host_contention.py) and together (every rank of the case
+timed at the same time as the job runs them, a sim rank idling as the sim backend does). Each profiled
+item is timed for --min-seconds. Cases and profiles run with glibc keeping freed memory (the runtime's
+--host-allocator retain), which makes a process's speed independent of its allocation history. The gloo
+link figures (pipeline message and each collective) are measured once at the start.
 
-    python tools/bench_planner_measured.py [--iters 6] [--only dp,pp]
+    python tools/bench_planner_measured.py [--detail] [--only dp,pp] [--profiles solo|together|both]
 
 Plans are the uniform layouts the runtime runs from flags (Plan.uniform over the cluster spec), or
 plan files when the runtime accepts --plan.

@@ -119,10 +119,6 @@ class GroupSpec:
     memory_bandwidth: float = 2.0e12
     reserved_gb: float = 0.0
     profile: Optional[object] = None  # profile.Profile for backends measured here
-    # Ranks of groups with the same `host` share its cores; contention = [s(1), s(2), ...], a compute
-    # chunk's time with k of them computing at once over its time alone (predict.py applies it).
-    host: Optional[str] = None
-    contention: Tuple[float, ...] = ()
 
     @property
     def memory_bytes(self) -> float:

@@ -715,14 +715,6 @@ _DOMAIN = {"cpu": "cpu", "sim": "sim", "cuda": "cuda", "npu": "npu"}
 _PROFILED = ("cpu", "sim")  # backends measured on this machine (sim is CPU compute slowed by `speed`)
 
 
-def _host_fields(prof) -> dict:
-    """This host's contention curve for a group timed alone (one shared CPU profile that carries one):
-    its ranks are then stretched by the ranks computing beside them in the plan's timeline. Co-running
-    profiles already include their neighbours and get none."""
-    curve = tuple(getattr(prof, "contention", None) or ())
-    return {"host": "local", "contention": curve} if len(curve) > 1 else {}
-
-
 def cluster_groups(cluster, profile=None) -> Dict[str, cm.GroupSpec]:
     """Cost-model groups of a ClusterSpec.
 
@@ -762,8 +754,7 @@ def cluster_groups(cluster, profile=None) -> Dict[str, cm.GroupSpec]:
             memory_bandwidth=float(getattr(g, "memory_bandwidth_gbps", None) or 0) * cm.GB
             or cm.DEFAULT_MEM_BW.get(g.backend, 1e12),
             reserved_gb=(prof.reserved_bytes / cm.GB if profiled and getattr(prof, "reserved_bytes", 0.0)
-                         else cm.RESERVED_GB.get(g.backend, 0.0)), profile=prof if profiled else None,
-            **_host_fields(prof if profiled and own is None else None))
+                         else cm.RESERVED_GB.get(g.backend, 0.0)), profile=prof if profiled else None)
     return out
 
 

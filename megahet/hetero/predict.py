@@ -4,9 +4,7 @@ A plan here is the plan-file dict (layers, virtual_stages, expert_parallel, pipe
 size, count and per-stage group and TP). Each distinct pipeline is simulated once on its real schedule
 (simulate.py) with per-rank, per-chunk times from the cost model; step time is the slowest pipeline,
 plus the data-parallel reduction not hidden behind backward, plus the optimizer step (gradient norm,
-clipping, AdamW), plus the step's scalar all-reduces. Ranks that share a host's cores (groups with a
-`host` and a measured contention curve) are simulated together until each chunk's stretch by the
-ranks computing beside it settles (host_contention.py).
+clipping, AdamW), plus the step's scalar all-reduces.
 """
 from __future__ import annotations
 
@@ -15,7 +13,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from megahet.errors import MegahetError
 from megahet.hetero import cost_model as cm
-from megahet.hetero.host_contention import mean_slowdowns, slowdown
 from megahet.hetero.simulate import PipelineResult, inflight_peak, pipeline_schedule, simulate_pipeline
 from megahet.parallel.pipeline_layout import layers_per_stage
 
@@ -84,32 +81,15 @@ def predict(plan: dict, spec: cm.ModelSpec, groups: Dict[str, cm.GroupSpec], lin
     tokens_step = sum(q["micro_batch_size"] * q["micro_batches"] for q in pipes) * spec.seq
     # One simulation per distinct pipeline.
     distinct: Dict[tuple, dict] = {}
-    counts: Dict[tuple, int] = {}
     for pipe in pipes:
         distinct.setdefault(_pipeline_key(pipe), pipe)
-        counts[_pipeline_key(pipe)] = counts.get(_pipeline_key(pipe), 0) + 1
     results: Dict[tuple, Tuple[PipelineResult, List[StageCost]]] = {}
     blocks = plan.get("recompute_layers")  # per-stage recompute: full-recompute layers per chunk
     if blocks is not None and len(blocks) != p:
         raise MegahetError(f"plan recompute_layers lists {len(blocks)} stages but 'layers' lists {p}")
-    curve, host_ranks = _host_curve(pipes, groups)
-    stretch: Dict[tuple, float] = {}  # (pipeline key, rank, op, chunk, micro-batch) -> contention stretch
-    for it in range(_CONTENTION_PASSES if curve else 1):
-        busy = []
-        for key, pipe in distinct.items():
-            res, stages, compute = _simulate(pipe, ranges, spec, groups, links, options, ep, dp, expert_dp,
-                                             keep_timeline or bool(curve), blocks,
-                                             (lambda r, op, c, mb, key=key: stretch.get((key, r, op, c, mb), 1.0))
-                                             if curve else None)
-            results[key] = (res, stages)
-            if curve:
-                busy += _busy_intervals(key, pipe, res, compute, groups, stretch, counts[key])
-        if curve:
-            for k, s in mean_slowdowns(busy, curve).items():
-                stretch[k] = s if it == 0 else (stretch.get(k, 1.0) + s) / 2  # damped: the timeline moves with it
-    if curve and not keep_timeline:
-        for res, _ in results.values():
-            res.timeline = []
+    for key, pipe in distinct.items():
+        results[key] = _simulate(pipe, ranges, spec, groups, links, options, ep, dp, expert_dp, keep_timeline,
+                                 blocks)
     slow_key = max(results, key=lambda k: results[k][0].time)
     slow, slow_stages = results[slow_key]
     # Data-parallel reduction per stage, over that stage's ranks in every pipeline.
@@ -132,9 +112,7 @@ def predict(plan: dict, spec: cm.ModelSpec, groups: Dict[str, cm.GroupSpec], lin
         local = count.total
         if options.distributed_optimizer:
             local = (count.dense + count.fp32) / dp + count.expert / expert_dp
-        # Every rank steps its optimizer at once: on a shared host, all of them contend.
-        opt_time = max(opt_time, max(cm.optimizer_time(groups[g], local)
-                                     * (slowdown(curve, host_ranks) if groups[g].host else 1.0) for g in members))
+        opt_time = max(opt_time, max(cm.optimizer_time(groups[g], local) for g in members))
     used = {s["group"] for pipe in pipes for s in pipe["stages"]}
     world = sum(int(s["tensor_parallel"]) for pipe in pipes for s in pipe["stages"])
     framework = cm.step_collectives_time([groups[g] for g in sorted(used)], world, links)
@@ -159,44 +137,6 @@ def predict(plan: dict, spec: cm.ModelSpec, groups: Dict[str, cm.GroupSpec], lin
                       mfu=model_flops / step / peaks if peaks and step else 0.0)
 
 
-# Simulations per prediction on a shared host: the stretch is damped by half each pass, so five passes
-# leave about 3% of the first pass's change.
-_CONTENTION_PASSES = 6
-
-
-def _host_curve(pipes, groups) -> Tuple[Optional[List[float]], int]:
-    """The contention curve of the host the plan's ranks share and how many of its ranks the plan uses,
-    or (None, n) when fewer than two ranks share a host (nothing to stretch)."""
-    hosts: Dict[str, int] = {}
-    curve = None
-    for pipe in pipes:
-        for s in pipe["stages"]:
-            g = groups[s["group"]]
-            if g.host and len(g.contention) > 1:
-                hosts[g.host] = hosts.get(g.host, 0) + int(s["tensor_parallel"])
-                curve = list(g.contention)
-    n = max(hosts.values(), default=0)
-    return (curve if n > 1 else None), n
-
-
-def _busy_intervals(key, pipe, res, compute, groups, stretch, copies):
-    """(action key, start, seconds computing, ranks) of each compute action of a simulated pipeline on a
-    shared host. A chunk computes first and then, on a sim rank, idles (1/speed - 1) x its compute; the
-    TP and EP collectives it waits on do not count."""
-    out = []
-    for r, line in enumerate(res.timeline):
-        stage = pipe["stages"][r]
-        g = groups[stage["group"]]
-        if not g.host:
-            continue
-        ranks = int(stage["tensor_parallel"]) * copies
-        for a, start, _end in line:
-            k = (key, r, a.op, a.chunk, a.microbatch)
-            seconds = compute[a.op][r][a.chunk] * stretch.get(k, 1.0) * g.speed
-            out.append((k, start, seconds, ranks))
-    return out
-
-
 def _model_flops_per_token(spec: cm.ModelSpec) -> float:
     layers = sum(cm.layer_flops(spec, spec.is_moe(i)) for i in range(spec.num_layers))
     return 3.0 * (layers + cm.head_flops(spec))
@@ -211,6 +151,7 @@ def _chunk_cost(spec, group, links, layer_ids, first, last, mbs, tp, ep, recompu
     fwd = bwd = 0.0
     act = 0.0
     tokens = mbs * spec.seq
+    n_moe = sum(1 for i in layer_ids if spec.is_moe(i))
     counts: Dict[Tuple[str, Optional[str]], int] = {}
     for j, i in enumerate(layer_ids):
         if block is None:
@@ -235,15 +176,9 @@ def _chunk_cost(spec, group, links, layer_ids, first, last, mbs, tp, ep, recompu
         t = cm.compute_time(group, spec, "head", mbs, tp)
         fwd, bwd = fwd + t.fwd, bwd + t.bwd
         act += tokens * _head_per_token(spec, group, tp)
-    comm = _chunk_comm(spec, group, links, layer_ids, mbs, tp, ep)
-    return fwd + comm / 2, bwd + comm / 2, act
-
-
-def _chunk_comm(spec, group, links, layer_ids, mbs, tp, ep) -> float:
-    """Seconds of one micro-batch's TP and EP collectives in a chunk (forward and backward together)."""
-    n_moe = sum(1 for i in layer_ids if spec.is_moe(i))
-    return cm.tp_comm_time(spec, group, links, mbs, tp, len(layer_ids)) + cm.ep_comm_time(
+    comm = cm.tp_comm_time(spec, group, links, mbs, tp, len(layer_ids)) + cm.ep_comm_time(
         spec, group, links, mbs, tp, ep, n_moe)
+    return fwd + comm / 2, bwd + comm / 2, act
 
 
 def _act_per_token(spec, group, kind, tp, recompute) -> float:
@@ -264,25 +199,18 @@ def _head_per_token(spec, group, tp) -> float:
     return cm.head_bytes_per_token(spec, tp)
 
 
-def _simulate(pipe, ranges, spec, groups, links, options, ep, dp, expert_dp, keep_timeline, blocks=None,
-              stretch=None):
-    """Simulate one pipeline: (result, stage costs, {"fwd"|"bwd": compute seconds [rank][chunk]}).
-
-    stretch(rank, op, chunk, micro-batch): the factor a shared host's contention puts on that action's
-    compute (its collectives are not stretched)."""
+def _simulate(pipe, ranges, spec, groups, links, options, ep, dp, expert_dp, keep_timeline, blocks=None):
     p, v = len(ranges), len(ranges[0])
     mbs, m = pipe["micro_batch_size"], pipe["micro_batches"]
     fwd_t = [[0.0] * v for _ in range(p)]
     bwd_t = [[0.0] * v for _ in range(p)]
     acts = [[0.0] * v for _ in range(p)]
-    comm_t = [[0.0] * v for _ in range(p)]  # each of forward and backward: half the chunk's collectives
     for r, stage in enumerate(pipe["stages"]):
         g, tp = groups[stage["group"]], int(stage["tensor_parallel"])
         for c, rng in enumerate(ranges[r]):
             first, last = r == 0 and c == 0, r == p - 1 and c == v - 1
             fwd_t[r][c], bwd_t[r][c], acts[r][c] = _chunk_cost(spec, g, links, list(rng), first, last, mbs, tp, ep,
                                                                options.recompute, None if blocks is None else blocks[r])
-            comm_t[r][c] = _chunk_comm(spec, g, links, list(rng), mbs, tp, ep) / 2
     sgroups = [groups[s["group"]] for s in pipe["stages"]]
     tps = [int(s["tensor_parallel"]) for s in pipe["stages"]]
     same_node = sum(tps) <= min(g.devices_per_node for g in sgroups) and len({g.name for g in sgroups}) == 1
@@ -295,12 +223,7 @@ def _simulate(pipe, ranges, spec, groups, links, options, ep, dp, expert_dp, kee
 
     if m > 0:
         actions = pipeline_schedule(p, m, v)
-        if stretch is None:
-            res = simulate_pipeline(actions, lambda r, c, _mb: fwd_t[r][c], lambda r, c, _mb: bwd_t[r][c], transfer)
-        else:
-            res = simulate_pipeline(
-                actions, lambda r, c, mb: (fwd_t[r][c] - comm_t[r][c]) * stretch(r, "fwd", c, mb) + comm_t[r][c],
-                lambda r, c, mb: (bwd_t[r][c] - comm_t[r][c]) * stretch(r, "bwd", c, mb) + comm_t[r][c], transfer)
+        res = simulate_pipeline(actions, lambda r, c, _mb: fwd_t[r][c], lambda r, c, _mb: bwd_t[r][c], transfer)
     else:  # a replica given no micro-batches idles
         actions = [[] for _ in range(p)]
         res = PipelineResult(0.0, [0.0] * p, [0.0] * p, [[] for _ in range(p)])
@@ -323,9 +246,7 @@ def _simulate(pipe, ranges, spec, groups, links, options, ep, dp, expert_dp, kee
         stages.append(StageCost(g.name, tp, len(layer_ids), sum(fwd_t[r]), sum(bwd_t[r]), mem, inflight))
     if not keep_timeline:
         res.timeline = []
-    compute = {"fwd": [[f - cc for f, cc in zip(fr, cr)] for fr, cr in zip(fwd_t, comm_t)],
-               "bwd": [[b - cc for b, cc in zip(br, cr)] for br, cr in zip(bwd_t, comm_t)]}
-    return res, stages, compute
+    return res, stages
 
 
 def _group_stats(plan, spec, groups, ranges, step, mem_by_group) -> Dict[str, Dict[str, float]]:

@@ -45,9 +45,6 @@ class Profile:
     peak_tflops: float = 0.0
     links: Dict[str, List[float]] = field(default_factory=dict)         # kind -> [bytes/s, latency s]
     reserved_bytes: float = 0.0  # what a rank holds outside the model (process_memory.runtime_overhead)
-    # Host contention: [s(1) = 1, s(2), ...], a compute chunk's time with k ranks of this host computing at
-    # once over its time alone (load_or_measure_contention); empty when not measured.
-    contention: List[float] = field(default_factory=list)
 
     def time(self, what: str, mbs: int) -> Tuple[float, float]:
         """(fwd, bwd) seconds at micro-batch `mbs`: measured, interpolated between the two measured sizes
@@ -273,102 +270,6 @@ def _measure_rank(model_cfg, dtype, threads, mbs, vocab_size, repeats, speeds, m
     while rank == 0 and int(store.add("left", 0)) < world:  # rank 0 serves the store: it leaves last
         time.sleep(0.01)
     return prof
-
-
-def load_or_measure_contention(model_cfg, dtype: torch.dtype, ranks: int, *, threads: int = 1, mbs: int = 2,
-                               min_seconds: float = 0.4, use_cache: bool = True,
-                               timeout: float = 300.0) -> List[float]:
-    """How much ranks sharing this host slow each other's compute: [s(1) = 1, s(2), ..., s(ranks)].
-
-    s(k) is the forward + backward time of a stack of the model's dense layers (up to 8) while k ranks (each its own process, `threads`
-    threads) run it at the same moment, over its time with one rank running. On this 2-vCPU VM two
-    busy ranks take ~1.85x as long each (they share cores and memory bandwidth), four ~3.7x. How often
-    k ranks compute at once is a property of the plan's timeline, not of a rank (a sim rank idles
-    between its chunks, a pipeline rank waits for its peer), so the cost model applies s(k) over the
-    simulated timeline (host_contention.py) to times measured alone, instead of measuring each rank
-    next to neighbours whose overlap in the job it cannot know. Cached per (shape, dtype, threads,
-    micro-batch, ranks, torch version).
-    """
-    ranks = max(int(ranks), 1)
-    if ranks == 1:
-        return [1.0]
-    key = profile_key("contention", model_cfg, dtype, threads, [mbs, ranks])
-    path = os.path.join(cache_dir(), key + ".json")
-    cached = _read_cache(path) if use_cache else None
-    if isinstance(cached, list) and len(cached) == ranks:
-        return [float(x) for x in cached]
-    import multiprocessing as mp
-    if mp.current_process().daemon:
-        log.warning("megahet: cannot measure host contention from a daemonic process; assuming none")
-        return [1.0] * ranks
-    from megahet.testing import run_distributed
-    res = run_distributed(_contention_rank, ranks, model_cfg, dtype, threads, mbs, min_seconds, timeout=timeout,
-                          env={"MEGAHET_TEST_THREADS": str(threads)})
-    alone = res[0][0]
-    curve = [1.0] + [statistics.mean(res[r][k - 1 - r] for r in range(k)) / alone for k in range(2, ranks + 1)]
-    _write_cache(path, curve)
-    return curve
-
-
-# Layers in the contention probe: a rank's working set (weights, activations) decides how much it
-# competes for caches and memory bandwidth; one small layer fits in cache and understates it.
-_CONTENTION_LAYERS = 8
-
-
-def _contention_rank(model_cfg, dtype, threads, mbs, min_seconds):
-    """One rank of load_or_measure_contention (a run_distributed child): for k = 1..world, ranks below k
-    time a dense layer's forward + backward at the same time (each until every one of them has run
-    `min_seconds`), the others wait. Returns this rank's median seconds for each k it took part in
-    (k = rank + 1, ..., world)."""
-    from datetime import timedelta
-
-    import torch.distributed as dist
-    from megahet.models.transformer import TransformerLayer, is_moe_layer, rotary_tables
-    from megahet.parallel.context import single_process_context
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, rank == 0,
-                          timeout=timedelta(seconds=600))
-    torch.set_num_threads(threads)
-    ctx = single_process_context("cpu")
-    cfg = model_cfg
-    seq, h = cfg.seq_length, cfg.hidden_size
-    rope = rotary_tables(cfg.max_position_embeddings or seq, cfg.kv_channels, cfg.rotary_base, ctx.device) \
-        if cfg.position_embedding_type == "rope" else None
-    dense = [i for i in range(cfg.num_layers) if not is_moe_layer(cfg, i)][:_CONTENTION_LAYERS] or [0]
-    torch.manual_seed(0)
-    layers = [TransformerLayer(cfg, ctx, i, 1234, False, dtype, ctx.device, None) for i in dense]
-    x = torch.randn(seq, mbs, h, dtype=dtype, device=ctx.device, requires_grad=True)
-
-    def step():
-        out = x
-        for layer in layers:
-            out = layer(out, rope)
-        out.backward(torch.ones_like(out))
-
-    def barrier(name):  # blocking, not polling: a polling rank would load the host it is measuring
-        if int(store.add(name, 1)) == world:
-            store.set(f"{name}/go", "1")
-        store.wait([f"{name}/go"])
-
-    step()  # warm-up
-    medians = []
-    for k in range(1, world + 1):
-        barrier(f"start{k}")
-        if rank < k:
-            times, t0, marked = [], time.perf_counter(), False
-            while True:
-                times.append(_timed(step, lambda: None))
-                if not marked and len(times) >= 3 and time.perf_counter() - t0 >= min_seconds:
-                    store.add(f"done{k}", 1)
-                    marked = True
-                if marked and int(store.add(f"done{k}", 0)) >= k:
-                    break
-            medians.append(statistics.median(times))
-        barrier(f"end{k}")
-    store.add("left", 1)
-    while rank == 0 and int(store.add("left", 0)) < world:  # rank 0 serves the store: it leaves last
-        time.sleep(0.01)
-    return medians
 
 
 def measure(model_cfg, dtype: torch.dtype, *, backend: str = "cpu", threads: int = 1,

@@ -41,22 +41,3 @@ def test_each_rank_gets_its_own_profile_and_the_sims_includes_its_idling(tmp_pat
         load_or_measure_together(model, torch.float32, [1.0, 0.5], threads=1, micro_batch_sizes=(1, 2),
                                  vocab_size=512)
 
-
-def test_host_contention_curve_is_measured_once_and_cached(tmp_path, monkeypatch):
-    from megahet.hetero.profile import load_or_measure_contention
-    monkeypatch.setenv("MEGAHET_CACHE_DIR", str(tmp_path))
-    model = _tiny()
-    assert load_or_measure_contention(model, torch.float32, 1) == [1.0]  # one rank meets nobody: no spawn
-    curve = load_or_measure_contention(model, torch.float32, 2, mbs=1, min_seconds=0.2, timeout=120)
-    assert len(curve) == 2 and curve[0] == 1.0
-    # Two single-thread ranks each computing: no faster than alone (a margin for timer noise), and on a
-    # host with fewer free cores than ranks slower; never absurd.
-    assert 0.8 < curve[1] < 5.0
-
-    def no_measuring(*args, **kwargs):
-        raise AssertionError("measured again")
-
-    monkeypatch.setattr("megahet.testing.run_distributed", no_measuring)
-    assert load_or_measure_contention(model, torch.float32, 2, mbs=1, min_seconds=0.2) == curve
-    with pytest.raises(AssertionError, match="measured again"):
-        load_or_measure_contention(model, torch.float32, 3, mbs=1)
