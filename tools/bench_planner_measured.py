@@ -3,15 +3,14 @@
 For each case: profile the model here (fresh, not cached: the machine's speed drifts by +-15% from one
 second to the next and more over minutes), predict the plan, train it with torchrun (mock data) and take
 the median step time after two warm-up steps; twice, profiling before, between and after the runs, and
-compare the mean prediction with the mean measurement. Two kinds of profile, side by side by default:
-solo (one rank timed alone, plus how much k ranks computing at once slow each other, which the predictor
-applies over the plan's simulated timeline: host_contention.py) and together (every rank of the case
-timed at the same time as the job runs them, a sim rank idling as the sim backend does). Each profiled
-item is timed for --min-seconds. Cases and profiles run with glibc keeping freed memory (the runtime's
---host-allocator retain), which makes a process's speed independent of its allocation history. The gloo
-link figures (pipeline message and each collective) are measured once at the start.
+compare the mean prediction with the mean measurement. Every rank of the case's cluster is profiled at
+the same time, as the job runs them (a sim rank idling as the sim backend does: co-running profiles,
+as auto-planning takes them), each item for --min-seconds. Cases and profiles run with glibc keeping
+freed memory (the runtime's --host-allocator retain), so that a process's speed depends less on its
+allocation history (the same job measured 0.58-0.82 s in three runs without it, 0.61-0.66 s with it).
+The gloo link figures (pipeline message and each collective) are measured once at the start.
 
-    python tools/bench_planner_measured.py [--detail] [--only dp,pp] [--profiles solo|together|both]
+    python tools/bench_planner_measured.py [--detail] [--only dp,pp] [--runs 2] [--min-seconds 1]
 
 Plans are the uniform layouts the runtime runs from flags (Plan.uniform over the cluster spec), or
 plan files when the runtime accepts --plan.
@@ -34,8 +33,7 @@ from megahet.hetero.plan import Plan, even_layers  # noqa: E402
 from megahet.hetero.planner import cluster_groups  # noqa: E402
 from megahet.hetero.predict import Options, predict  # noqa: E402
 from megahet.hetero.process_memory import runtime_overhead  # noqa: E402
-from megahet.hetero.profile import (load_or_measure, load_or_measure_contention, load_or_measure_together,  # noqa: E402
-                                    measure_links)
+from megahet.hetero.profile import load_or_measure, load_or_measure_together, measure_links  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 MODEL = dict(hidden_size=256, num_attention_heads=4, seq_length=128, vocab_size=2048, global_batch_size=8,
@@ -113,26 +111,19 @@ def predict_case(cluster_raw, layout, model, profile, links_prof):
     return predict(plan, spec, groups, links, opts, keep_timeline=True), cfg
 
 
-def case_profile(cfg, cluster_raw, mode="solo", min_seconds=1.0):
-    """What cluster_groups takes for the case, fresh (the host's load changes). solo: one CPU profile
-    timed alone, carrying this host's contention curve for the case's rank count (the predictor stretches
-    each chunk by the ranks computing beside it in the simulated timeline). together: {group: its own
-    profile}, every rank of the cluster measured at the same time (a sim rank idling as the sim backend
-    does)."""
+def case_profile(cfg, cluster_raw, min_seconds=1.0):
+    """What cluster_groups takes for the case, fresh (the host's speed drifts): {group: its own profile},
+    every rank of the cluster measured at the same time as the job runs them (a sim rank idling as the sim
+    backend does), each item timed for at least `min_seconds`; one CPU profile for a one-rank cluster."""
     ranks = [(g["name"], 1.0 if g["backend"] == "cpu" else float(g.get("speed", 1.0)))
              for g in cluster_raw["groups"] for _ in range(g["devices"])]
     kw = dict(threads=1, micro_batch_sizes=(cfg.train.micro_batch_size,), vocab_size=cfg.model.vocab_size,
-              use_cache=False)
-    if len(ranks) == 1 or mode == "solo":
-        prof = load_or_measure(cfg.model, params_dtype(cfg), repeats=5, min_seconds=min_seconds, **kw)
-        prof.contention = load_or_measure_contention(cfg.model, params_dtype(cfg), len(ranks), threads=1,
-                                                     mbs=cfg.train.micro_batch_size, use_cache=False,
-                                                     min_seconds=1.5 * min_seconds)
-        return prof
+              use_cache=False, min_seconds=min_seconds)
+    if len(ranks) == 1:
+        return load_or_measure(cfg.model, params_dtype(cfg), repeats=5, **kw)
     out = {}
     for (group, _), prof in zip(ranks, load_or_measure_together(cfg.model, params_dtype(cfg),
-                                                                [s for _, s in ranks], min_seconds=min_seconds,
-                                                                **kw)):
+                                                                [s for _, s in ranks], **kw)):
         out.setdefault(group, prof)  # a group's first rank speaks for it
     return out
 
@@ -349,9 +340,6 @@ def main():
     ap.add_argument("--autoplan-dp", action="store_true", help="only the auto-plan quality measurement (data "
                     "parallel vs each device alone)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of the auto-plan measurement")
-    ap.add_argument("--profiles", choices=("solo", "together", "both"), default="both",
-                    help="solo: one rank timed alone + the host's contention curve; together: every rank of "
-                    "the case timed at the same time; both (default): each, side by side")
     ap.add_argument("--runs", type=int, default=2, help="runs of each case (profiled before, between, after)")
     ap.add_argument("--min-seconds", type=float, default=1.0, help="seconds each profiled item is timed for")
     ap.add_argument("--allocator", choices=("retain", "default"), default="retain",
@@ -369,28 +357,22 @@ def main():
     names = args.only.split(",") if args.only else list(CASES)
     if args.allocator == "retain":
         retain_freed_memory()
-    modes = ("solo", "together") if args.profiles == "both" else (args.profiles,)
     links_prof = measure_links()
     print("gloo here (after compute, mean): " + "; ".join(
         f"{k.split('/')[-1] if '/' in k else 'pipeline message'} {bw / 1e9:.2f} GB/s {lat * 1e6:.0f} us"
         for k, (bw, lat) in links_prof.items() if k.startswith("intra_node")))
-    print(f"profiles: {', '.join(modes)}; {args.runs} runs of {args.iters} steps per case, profiled before, "
+    print(f"{args.runs} runs of {args.iters} steps per case, co-running profiles before, "
           f"between and after; allocator {args.allocator}; load average {_load()}")
-    print(f"{'case':<22} " + " ".join(f"{'predicted ' + m:>17} {'error':>7}" for m in modes)
-          + f" {'measured s':>11}   plan")
-    errors = {m: [] for m in modes}
+    print(f"{'case':<22} {'predicted s':>11} {'measured s':>11} {'error':>7}   plan")
+    errors = []
     for i, name in enumerate(names):
         cluster_raw, layout, model = CASES[name]
         cfg = build_config(overrides={**MODEL, **model, "mock_data": True, "train_iters": 10}, validate=False)
-        preds = {m: [] for m in modes}
-        curves = []
+        preds = []
 
         def profile_all():
-            for m in modes:
-                prof = case_profile(cfg, cluster_raw, m, args.min_seconds)
-                if m == "solo":
-                    curves.append(prof.contention)
-                preds[m].append(predict_case(cluster_raw, layout, model, prof, links_prof)[0])
+            preds.append(predict_case(cluster_raw, layout, model, case_profile(cfg, cluster_raw, args.min_seconds),
+                                      links_prof)[0])
 
         # The host's speed drifts by +-15% from second to second and more over minutes: profile before,
         # between and after the runs, and average each side.
@@ -402,31 +384,23 @@ def main():
             computes.append(compute)
             profile_all()
         measured = statistics.mean(steps)
-        row = f"{name:<22} "
-        for m in modes:
-            predicted = statistics.mean(p.step_time_s for p in preds[m])
-            err = predicted / measured - 1
-            errors[m].append(abs(err))
-            row += f"{predicted:>17.3f} {err * 100:>+6.1f}% "
+        predicted = statistics.mean(p.step_time_s for p in preds)
+        err = predicted / measured - 1
+        errors.append(abs(err))
         desc = ", ".join(f"{k}={v}" for k, v in layout.items()) or "dp"
-        print(f"{row}{measured:>11.3f}   {desc}", flush=True)
+        print(f"{name:<22} {predicted:>11.3f} {measured:>11.3f} {err * 100:>+6.1f}%   {desc}", flush=True)
         if args.detail:
-            print(f"{'':<22} runs {', '.join(f'{x:.3f}' for x in steps)} s; measured compute per stage "
+            ps = preds
+            busy = [statistics.mean(p.slowest.busy[k] for p in ps) for k in range(len(ps[0].slowest.busy))]
+            print(f"{'':<22} runs {', '.join(f'{x:.3f}' for x in steps)} s, compute per stage "
                   + ", ".join(f"{statistics.mean(c[k] for c in computes):.3f}" for k in range(len(computes[0])))
-                  + (f"; contention curve (mean) "
-                     + ", ".join(f"{statistics.mean(c[k] for c in curves):.2f}" for k in range(len(curves[0])))
-                     if curves else ""), flush=True)
-            for m in modes:
-                ps = preds[m]
-                busy = [statistics.mean(p.slowest.busy[k] for p in ps) for k in range(len(ps[0].slowest.busy))]
-                print(f"{'':<22} {m}: compute per stage {', '.join(f'{x:.3f}' for x in busy)}; pipeline "
-                      f"{statistics.mean(p.pipeline_time_s for p in ps):.3f} + dp "
-                      f"{statistics.mean(p.dp_exposed_s for p in ps):.3f} + optimizer "
-                      f"{statistics.mean(p.optimizer_s for p in ps):.3f} s; single profiles "
-                      + ", ".join(f"{p.step_time_s:.3f}" for p in ps), flush=True)
-    for m in modes:
-        print(f"{m}: mean |error| {statistics.mean(errors[m]) * 100:.1f}%, max {max(errors[m]) * 100:.1f}%, "
-              f"within 10%: {sum(e <= 0.10 for e in errors[m])} of {len(errors[m])}")
+                  + f"; predicted compute per stage {', '.join(f'{x:.3f}' for x in busy)}, pipeline "
+                  f"{statistics.mean(p.pipeline_time_s for p in ps):.3f} + dp "
+                  f"{statistics.mean(p.dp_exposed_s for p in ps):.3f} + optimizer "
+                  f"{statistics.mean(p.optimizer_s for p in ps):.3f} s; single profiles "
+                  + ", ".join(f"{p.step_time_s:.3f}" for p in ps), flush=True)
+    print(f"mean |error| {statistics.mean(errors) * 100:.1f}%, max {max(errors) * 100:.1f}%, "
+          f"within 10%: {sum(e <= 0.10 for e in errors)} of {len(errors)}")
 
 
 def retain_freed_memory():

@@ -133,8 +133,8 @@ def load_or_measure_together(model_cfg, dtype: torch.dtype, speeds: Sequence[flo
     mostly by sharing memory bandwidth), and by how much depends on what the others do: a sim rank's
     compute always overlaps a co-runner's, a cpu rank's overlaps a sim rank's only while that one is not
     idling. So each rank measures in its own process, a sim rank idles (1/speed - 1) x each chunk as the
-    sim backend does, each timed item starts on every rank at once and repeats (at least `min_seconds`) until
-    every rank has its samples, and a sim rank's times include its idling: its effective speed next to
+    sim backend does, each timed item starts on every rank at once and repeats (at least `min_seconds`)
+    until every rank has its samples, and a sim rank's times include its idling: its effective speed next to
     the others, not speed x an unloaded CPU. Cached under (shape, dtype, threads, micro-batch sizes, all
     speeds, torch version).
     """
@@ -243,10 +243,11 @@ class _Together:
         return int(self.store.add(name, 0))
 
     def start(self) -> None:
+        # Blocking, not polling: a rank polling the store would load the host its peers are being timed on.
         self.item += 1
-        self.store.add(f"ready{self.item}", 1)
-        while self._count(f"ready{self.item}") < self.world:
-            time.sleep(0.001)
+        if int(self.store.add(f"ready{self.item}", 1)) == self.world:
+            self.store.set(f"go{self.item}", "1")
+        self.store.wait([f"go{self.item}"])
 
     def finished(self) -> None:
         self.store.add(f"done{self.item}", 1)
@@ -374,9 +375,9 @@ def _fwd_bwd(fn, sync, repeats: int, after_compute=None, together: Optional[_Tog
     each including `after_compute(its compute seconds)` when given (a sim rank's idling).
 
     Alone: one warm-up run and `repeats` timed ones, or more until `min_seconds` have passed (this VM's
-    speed drifts by +-15% from one second to the next: a tenth of a second samples one moment). Together: started with the co-running ranks, for at
-    least their `min_seconds`, and on until every rank has its samples (the median drops the outliers
-    a shared host gives a few runs)."""
+    speed drifts by +-15% from one second to the next: a tenth of a second samples one moment).
+    Together: started with the co-running ranks, for at least their `min_seconds`, and on until every
+    rank has its samples (the median drops the outliers a shared host gives a few runs)."""
     fwds, bwds = [], []
     if together:
         together.start()

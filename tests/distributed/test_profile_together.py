@@ -40,4 +40,3 @@ def test_each_rank_gets_its_own_profile_and_the_sims_includes_its_idling(tmp_pat
     with pytest.raises(AssertionError, match="measured again"):
         load_or_measure_together(model, torch.float32, [1.0, 0.5], threads=1, micro_batch_sizes=(1, 2),
                                  vocab_size=512)
-
