@@ -33,7 +33,8 @@ from megahet.hetero.plan import Plan, even_layers  # noqa: E402
 from megahet.hetero.planner import cluster_groups  # noqa: E402
 from megahet.hetero.predict import Options, predict  # noqa: E402
 from megahet.hetero.process_memory import runtime_overhead  # noqa: E402
-from megahet.hetero.profile import load_or_measure, load_or_measure_together, measure_links  # noqa: E402
+from megahet.hetero.profile import (load_or_measure, load_or_measure_together,  # noqa: E402
+                                    load_or_measure_tp_together, measure_links)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 MODEL = dict(hidden_size=256, num_attention_heads=4, seq_length=128, vocab_size=2048, global_batch_size=8,
@@ -111,10 +112,11 @@ def predict_case(cluster_raw, layout, model, profile, links_prof):
     return predict(plan, spec, groups, links, opts, keep_timeline=True), cfg
 
 
-def case_profile(cfg, cluster_raw, min_seconds=1.0):
+def case_profile(cfg, cluster_raw, min_seconds=1.0, tp=1):
     """What cluster_groups takes for the case, fresh (the host's speed drifts): {group: its own profile},
     every rank of the cluster measured at the same time as the job runs them (a sim rank idling as the sim
-    backend does), each item timed for at least `min_seconds`; one CPU profile for a one-rank cluster."""
+    backend does), each item timed for at least `min_seconds`; one CPU profile for a one-rank cluster.
+    With tp > 1, each group's TP shard is also timed with its peers (profile.load_or_measure_tp_together)."""
     ranks = [(g["name"], 1.0 if g["backend"] == "cpu" else float(g.get("speed", 1.0)))
              for g in cluster_raw["groups"] for _ in range(g["devices"])]
     kw = dict(threads=1, micro_batch_sizes=(cfg.train.micro_batch_size,), vocab_size=cfg.model.vocab_size,
@@ -122,9 +124,16 @@ def case_profile(cfg, cluster_raw, min_seconds=1.0):
     if len(ranks) == 1:
         return load_or_measure(cfg.model, params_dtype(cfg), repeats=5, **kw)
     out = {}
-    for (group, _), prof in zip(ranks, load_or_measure_together(cfg.model, params_dtype(cfg),
-                                                                [s for _, s in ranks], **kw)):
+    speeds = [s for _, s in ranks]
+    for (group, _), prof in zip(ranks, load_or_measure_together(cfg.model, params_dtype(cfg), speeds, **kw)):
         out.setdefault(group, prof)  # a group's first rank speaks for it
+    shards = load_or_measure_tp_together(cfg.model, params_dtype(cfg), speeds, tp,
+                                         sequence_parallel=cfg.parallel.sequence_parallel, **kw) if tp > 1 else None
+    first = {}
+    for (group, _), times in zip(ranks, shards or []):
+        first.setdefault(group, times)  # again, a group's first rank speaks for it
+    for group, times in first.items():
+        out[group].times.update(times)
     return out
 
 
@@ -371,8 +380,8 @@ def main():
         preds = []
 
         def profile_all():
-            preds.append(predict_case(cluster_raw, layout, model, case_profile(cfg, cluster_raw, args.min_seconds),
-                                      links_prof)[0])
+            prof = case_profile(cfg, cluster_raw, args.min_seconds, layout.get("tensor_model_parallel_size", 1))
+            preds.append(predict_case(cluster_raw, layout, model, prof, links_prof)[0])
 
         # The host's speed drifts by +-15% from second to second and more over minutes: profile before,
         # between and after the runs, and average each side.

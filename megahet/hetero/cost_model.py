@@ -340,14 +340,25 @@ class StageTimes:
     bwd: float
 
 
+def tp_measured(group: GroupSpec, what: str, tp: int) -> bool:
+    """Whether the group's profile timed a TP-`tp` shard of `what` with its peers (profile.measure_tp_together):
+    then that time, collectives included, replaces the layer's time / tp plus the link model's."""
+    prof = group.profile
+    return tp > 1 and prof is not None and hasattr(prof, "measured") and prof.measured(f"{what}@tp{tp}")
+
+
 def compute_time(group: GroupSpec, spec: ModelSpec, what: str, mbs: int, tp: int) -> StageTimes:
     """Forward / backward seconds of `what` ('dense', 'moe', 'embed', 'head') for one micro-batch.
 
-    With a profile (backends present) the measured time at this micro-batch size is used, split over TP
+    With a profile (backends present) the measured time at this micro-batch size is used: the TP shard's
+    own where it was timed at this degree (collectives included), else the layer's split over the TP
     ranks; otherwise FLOPs / (peak x efficiency). Backward is 2x forward for FLOP-based estimates.
     """
     prof = group.profile
     if prof is not None:
+        if tp_measured(group, what, tp):  # the shard timed with its peers, its collectives included
+            fwd, bwd = prof.time(f"{what}@tp{tp}", mbs)
+            return StageTimes(fwd / group.speed, bwd / group.speed)
         fwd, bwd = prof.time(what, mbs)
         scale = 1.0 / (group.speed * (tp if what != "embed" else 1))
         return StageTimes(fwd * scale, bwd * scale)

@@ -176,7 +176,9 @@ def _chunk_cost(spec, group, links, layer_ids, first, last, mbs, tp, ep, recompu
         t = cm.compute_time(group, spec, "head", mbs, tp)
         fwd, bwd = fwd + t.fwd, bwd + t.bwd
         act += tokens * _head_per_token(spec, group, tp)
-    comm = cm.tp_comm_time(spec, group, links, mbs, tp, len(layer_ids)) + cm.ep_comm_time(
+    # A TP shard timed with its peers includes its collectives: charge only the others' (cost_model.tp_measured).
+    unmeasured = sum(1 for i in layer_ids if not cm.tp_measured(group, "moe" if spec.is_moe(i) else "dense", tp))
+    comm = cm.tp_comm_time(spec, group, links, mbs, tp, unmeasured) + cm.ep_comm_time(
         spec, group, links, mbs, tp, ep, n_moe)
     return fwd + comm / 2, bwd + comm / 2, act
 

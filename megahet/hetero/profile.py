@@ -64,6 +64,10 @@ class Profile:
         (b0, v0), (b1, v1) = _bracket(pts, mbs)
         return tuple(v0[i] + (v1[i] - v0[i]) * (mbs - b0) / (b1 - b0) for i in (0, 1))  # type: ignore
 
+    def measured(self, what: str) -> bool:
+        """Whether `what` (e.g. "dense", "head@tp2") was timed at any micro-batch size."""
+        return any(k.split("/")[0] == what for k in self.times)
+
     def recompute_time(self, what: str, mbs: int) -> Optional[Tuple[float, float]]:
         """(fwd, bwd) seconds of `what` under full recompute at micro-batch `mbs` (the backward reruns the
         forward): `time(what, mbs)` scaled by the measured ratio of a checkpointed layer to a plain one,
@@ -271,6 +275,123 @@ def _measure_rank(model_cfg, dtype, threads, mbs, vocab_size, repeats, speeds, m
     while rank == 0 and int(store.add("left", 0)) < world:  # rank 0 serves the store: it leaves last
         time.sleep(0.01)
     return prof
+
+
+def load_or_measure_tp_together(model_cfg, dtype: torch.dtype, speeds: Sequence[float], tp: int, *,
+                                sequence_parallel: bool = False, micro_batch_sizes: Sequence[int] = (1, 2, 4),
+                                vocab_size: int = 32000, threads: int = 1, repeats: int = 3,
+                                min_seconds: float = 0.3, use_cache: bool = True,
+                                timeout: float = 600.0) -> Optional[List[Dict[str, List[float]]]]:
+    """Forward and backward seconds of a TP shard, measured with its TP peers: one dict per local rank,
+    keys "dense@tp{tp}/{mbs}", "embed@tp{tp}/{mbs}", "head@tp{tp}/{mbs}" (cost_model.compute_time
+    takes them for that TP degree as they are). None when the ranks do not split into TP groups of one
+    speed each (consecutive ranks, as the runtime's layout groups them).
+
+    Why measured, not derived: a layer's time / tp plus the collectives' link fit missed 20-35% of a TP
+    stage here. The shard's smaller matmuls run less efficiently, the parts TP does not split (norms,
+    residuals without sequence parallelism) run on every rank, and each of a layer's four collectives
+    waits for the slower peer after compute. Every local rank runs at once (each TP group its own
+    shard, sim ranks stretched as the runtime stretches them: collectives left out), so the groups
+    contend as in the job. Cached under (shape, dtype, threads, micro-batch sizes, speeds, TP, sequence
+    parallelism, torch version).
+    """
+    speeds = [float(s) for s in speeds]
+    if tp <= 1 or len(speeds) % tp or any(len(set(speeds[i:i + tp])) != 1 for i in range(0, len(speeds), tp)):
+        return None
+    key = profile_key("tp", model_cfg, dtype, threads, list(micro_batch_sizes) + [tuple(speeds), tp,
+                                                                                 bool(sequence_parallel)])
+    path = os.path.join(cache_dir(), key + ".json")
+    cached = _read_cache(path) if use_cache else None
+    if isinstance(cached, list) and len(cached) == len(speeds):
+        return cached
+    import multiprocessing as mp
+    if mp.current_process().daemon:
+        log.warning("megahet: cannot profile TP %d from a daemonic process; its time is derived instead", tp)
+        return None
+    from megahet.testing import run_distributed
+    out = run_distributed(_measure_tp_rank, len(speeds), model_cfg, dtype, speeds, tp, sequence_parallel,
+                          list(micro_batch_sizes), vocab_size, threads, repeats, min_seconds, timeout=timeout,
+                          env={"MEGAHET_TEST_THREADS": str(threads)})
+    _write_cache(path, out)
+    return out
+
+
+def _measure_tp_rank(model_cfg, dtype, speeds, tp, sequence_parallel, mbs_list, vocab_size, threads, repeats,
+                     min_seconds):
+    """One rank of load_or_measure_tp_together (a run_distributed child): its TP group's shard of each item."""
+    from megahet.models.gpt import GPTModel
+    from megahet.models.transformer import TransformerLayer, is_moe_layer, rotary_tables
+    from megahet.parallel.context import RankSpec, build_parallel_context, rendezvous_store
+    from megahet.parallel.pipeline import compute_timer
+    from megahet.tokenizer import padded_vocab_size
+    specs = [RankSpec("cpu") if s >= 1.0 else RankSpec("sim", {"speed": s}) for s in speeds]
+    world = len(speeds)
+    store = rendezvous_store(int(os.environ["RANK"]), world, 120)
+    ctx = build_parallel_context(tp=tp, rank_specs=specs, timeout_s=120, store=store)
+    torch.set_num_threads(threads)
+    cfg = model_cfg
+    seq, h = cfg.seq_length, cfg.hidden_size
+    sp = sequence_parallel
+    s_local = seq // tp if sp else seq
+    rope = rotary_tables(cfg.max_position_embeddings or seq, cfg.kv_channels, cfg.rotary_base, ctx.device) \
+        if cfg.position_embedding_type == "rope" else None
+    padded = padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, tp)
+    dense = next((i for i in range(cfg.num_layers) if not is_moe_layer(cfg, i)), None)
+    torch.manual_seed(0)
+    layer = TransformerLayer(cfg, ctx, dense, 1234, sp, dtype, ctx.device, None) if dense is not None else None
+    embed = GPTModel(cfg, ctx, layer_ids=[], pre_process=True, post_process=False, vocab_size=vocab_size,
+                     padded_vocab_size=padded, sequence_parallel=sp, dtype=dtype)
+    head = GPTModel(cfg, ctx, layer_ids=[], pre_process=False, post_process=True, vocab_size=vocab_size,
+                    padded_vocab_size=padded, sequence_parallel=sp, dtype=dtype)
+    item = 0
+
+    def timed(fn):
+        """(fwd, bwd) medians of fn() on this TP group, every local rank starting together; each group
+        repeats until all local ranks have their samples (its members agree each round)."""
+        nonlocal item
+        item += 1
+        ctx.world_group.barrier()
+        fwds, bwds, t0, i, marked = [], [], time.perf_counter(), 0, False
+        while True:
+            out = None
+
+            def forward():
+                nonlocal out
+                out = fn()
+
+            start = time.perf_counter()
+            compute_timer(ctx.backend, forward)()
+            f = time.perf_counter() - start
+            grad = torch.ones_like(out)
+            start = time.perf_counter()
+            compute_timer(ctx.backend, lambda: out.backward(grad))()
+            b = time.perf_counter() - start
+            if i:
+                fwds.append(f)
+                bwds.append(b)
+            i += 1
+            if not marked and i > repeats and time.perf_counter() - t0 >= min_seconds:
+                store.add(f"tp-done{item}", 1)
+                marked = True
+            more = torch.tensor([0.0 if marked and int(store.add(f"tp-done{item}", 0)) >= world else 1.0],
+                                device=ctx.device)
+            ctx.tp_group.all_reduce(more)  # the group goes on while any member's peers still measure
+            if more.item() == 0.0:
+                break
+        return [statistics.median(fwds), statistics.median(bwds)]
+
+    out: Dict[str, List[float]] = {}
+    for mbs in mbs_list:
+        if layer is not None:
+            x = torch.randn(s_local, mbs, h, dtype=dtype, device=ctx.device)
+            out[f"dense@tp{tp}/{mbs}"] = timed(lambda x=x: layer(x.requires_grad_(), rope))
+        tokens = torch.randint(0, vocab_size, (mbs, seq), device=ctx.device)
+        out[f"embed@tp{tp}/{mbs}"] = timed(lambda t=tokens: embed(tokens=t))
+        hidden = torch.randn(s_local, mbs, h, dtype=dtype, device=ctx.device)
+        out[f"head@tp{tp}/{mbs}"] = timed(lambda x=hidden, t=tokens: head(hidden_states=x.requires_grad_(),
+                                                                          labels=t).sum())
+    ctx.world_group.barrier()  # nobody leaves while a peer may still call a collective
+    return out
 
 
 def measure(model_cfg, dtype: torch.dtype, *, backend: str = "cpu", threads: int = 1,

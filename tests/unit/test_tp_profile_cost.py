@@ -1,0 +1,40 @@
+"""The cost model with TP shards timed with their peers: their times (collectives included) replace the
+layer's time / tp plus the link model's collectives; degrees not timed keep the derived estimate."""
+import pytest
+
+from megahet.hetero import cost_model as cm
+from megahet.hetero.predict import _chunk_cost
+from megahet.hetero.profile import Profile
+
+
+def _spec():
+    return cm.ModelSpec(num_layers=2, hidden=256, ffn=1024, heads=4, query_groups=4, kv_channels=64, seq=128,
+                        vocab=2048, swiglu=False, param_bytes=4, sequence_parallel=False)
+
+
+def _group(times):
+    prof = Profile("cpu", "cpu", times=times, optimizer_s_per_param=1e-9, peak_tflops=1.0)
+    return cm.GroupSpec(name="g", backend="cpu", devices=2, devices_per_node=2, peak_tflops=1.0, memory_gb=64.0,
+                        domain="cpu", profile=prof)
+
+
+BASE = {"dense/2": [0.010, 0.020], "embed/2": [0.001, 0.002], "head/2": [0.004, 0.008]}
+TP2 = {"dense@tp2/2": [0.009, 0.016], "embed@tp2/2": [0.002, 0.003], "head@tp2/2": [0.003, 0.005]}
+
+
+def test_measured_tp_shard_replaces_the_split_layer_and_its_collectives():
+    spec, links = _spec(), cm.Links()
+    derived, measured = _group(dict(BASE)), _group({**BASE, **TP2})
+    assert cm.compute_time(measured, spec, "dense", 2, 2) == cm.StageTimes(0.009, 0.016)
+    assert cm.compute_time(measured, spec, "head", 2, 2) == cm.StageTimes(0.003, 0.005)
+    assert cm.compute_time(derived, spec, "dense", 2, 2) == cm.StageTimes(0.005, 0.010)  # time / tp
+    assert cm.compute_time(measured, spec, "dense", 2, 1) == cm.StageTimes(0.010, 0.020)  # TP 1: the layer
+    # Two layers, first and last stage: measured = the shard times only; derived adds the collectives.
+    f, b, _ = _chunk_cost(spec, measured, links, [0, 1], True, True, 2, 2, 1, None)
+    assert f == pytest.approx(2 * 0.009 + 0.002 + 0.003) and b == pytest.approx(2 * 0.016 + 0.003 + 0.005)
+    f, b, _ = _chunk_cost(spec, derived, links, [0, 1], True, True, 2, 2, 1, None)
+    comm = cm.tp_comm_time(spec, derived, links, 2, 2, 2)
+    assert comm > 0
+    assert f == pytest.approx(2 * 0.005 + 0.001 + 0.002 + comm / 2)
+    assert not cm.tp_measured(derived, "dense", 2) and cm.tp_measured(measured, "dense", 2)
+    assert not cm.tp_measured(measured, "dense", 4)
