@@ -3,7 +3,7 @@
 For each case: profile the model here (fresh, not cached: the machine's speed drifts by +-15% from one
 second to the next and more over minutes), predict the plan, train it with torchrun (mock data) and take
 the median step time after two warm-up steps; twice, profiling before, between and after the runs, and
-compare the mean prediction with the mean measurement. Every rank of the case's cluster is profiled at
+compare the median of the three predictions with the mean of the two measurements. Every rank of the case's cluster is profiled at
 the same time, as the job runs them (a sim rank idling as the sim backend does: co-running profiles,
 as auto-planning takes them), each item for --min-seconds. Cases and profiles run with glibc keeping
 freed memory (the runtime's --host-allocator retain), so that a process's speed depends less on its
@@ -393,7 +393,7 @@ def main():
             computes.append(compute)
             profile_all()
         measured = statistics.mean(steps)
-        predicted = statistics.mean(p.step_time_s for p in preds)
+        predicted = statistics.median(p.step_time_s for p in preds)  # one profile can catch a slow moment
         err = predicted / measured - 1
         errors.append(abs(err))
         desc = ", ".join(f"{k}={v}" for k, v in layout.items()) or "dp"
