@@ -5,8 +5,9 @@ timed forward and backward at each candidate micro-batch size, with the thread c
 have; the bytes autograd keeps for backward are counted per token (saved-tensor hooks, deduplicated by
 storage, parameters excluded), with and without recompute; an AdamW step gives seconds per parameter.
 Results are cached as JSON under $MEGAHET_CACHE_DIR/profiles keyed by (backend, shape, dtype, threads,
-torch version), so planning again is free. TP degrees are not timed (one process cannot run TP here):
-a TP shard's compute is the layer's time / tp and its collectives come from the link model.
+torch version), so planning again is free. A TP shard is timed with its peers, every local TP group at
+once (`load_or_measure_tp_together`, keys "<what>@tp<t>/<mbs>", collectives included); where a degree
+was not timed, a shard's compute is the layer's time / tp and its collectives come from the link model.
 
 Ranks that will share this host (the cluster's cpu and sim ranks) are profiled together, each in its
 own process at the same time (`load_or_measure_together`), and each group gets its own profile: a sim
