@@ -281,8 +281,8 @@ def _measure_rank(model_cfg, dtype, threads, mbs, vocab_size, repeats, speeds, m
 def load_or_measure_tp_together(model_cfg, dtype: torch.dtype, speeds: Sequence[float], tp: int, *,
                                 sequence_parallel: bool = False, micro_batch_sizes: Sequence[int] = (1, 2, 4),
                                 vocab_size: int = 32000, threads: int = 1, repeats: int = 3,
-                                min_seconds: float = 0.3, use_cache: bool = True,
-                                timeout: float = 600.0) -> Optional[List[Dict[str, List[float]]]]:
+                                min_seconds: float = 0.3, use_cache: bool = True, timeout: float = 600.0,
+                                progress: Optional[Progress] = None) -> Optional[List[Dict[str, List[float]]]]:
     """Forward and backward seconds of a TP shard, measured with its TP peers: one dict per local rank,
     keys "dense@tp{tp}/{mbs}", "embed@tp{tp}/{mbs}", "head@tp{tp}/{mbs}" (cost_model.compute_time
     takes them for that TP degree as they are). None when the ranks do not split into TP groups of one
@@ -313,6 +313,8 @@ def load_or_measure_tp_together(model_cfg, dtype: torch.dtype, speeds: Sequence[
     out = run_distributed(_measure_tp_rank, len(speeds), model_cfg, dtype, speeds, tp, sequence_parallel,
                           list(micro_batch_sizes), vocab_size, threads, repeats, min_seconds, timeout=timeout,
                           env={"MEGAHET_TEST_THREADS": str(threads)})
+    if progress:
+        progress(1, 1, f"profiled TP {tp} shards of {len(speeds)} co-running ranks")
     _write_cache(path, out)
     return out
 

@@ -38,3 +38,32 @@ def test_measured_tp_shard_replaces_the_split_layer_and_its_collectives():
     assert f == pytest.approx(2 * 0.005 + 0.001 + 0.002 + comm / 2)
     assert not cm.tp_measured(derived, "dense", 2) and cm.tp_measured(measured, "dense", 2)
     assert not cm.tp_measured(measured, "dense", 4)
+
+
+def test_auto_planning_times_the_tp_degrees_its_local_groups_allow(monkeypatch):
+    from megahet.config import build_config
+    from megahet.hetero import autoplan
+    from megahet.hetero.cluster import parse_cluster
+    cfg = build_config(overrides=dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32,
+                                      vocab_size=512, global_batch_size=4, micro_batch_size=1, mock_data=True,
+                                      train_iters=1), validate=False)
+    calls = []
+
+    def fake(model_cfg, dtype, speeds, tp, **kw):
+        calls.append((list(speeds), tp))
+        return [{f"dense@tp{tp}/1": [float(r), 1.0]} for r in range(len(speeds))]
+
+    monkeypatch.setattr("megahet.hetero.profile.load_or_measure_tp_together", fake)
+    four = parse_cluster({"groups": [{"name": "c", "backend": "cpu", "devices": 2},
+                                     {"name": "s", "backend": "sim", "devices": 2, "speed": 0.5}]})
+    ranks = autoplan.local_speeds(four)
+    profiles = {"c": Profile("cpu", "c"), "s": Profile("sim", "s")}
+    autoplan._add_tp_shards(cfg, four, ranks, profiles, {})
+    assert calls == [([1.0, 1.0, 0.5, 0.5], 2)]  # 4 heads, groups of 2: TP 2 only
+    assert profiles["c"].times == {"dense@tp2/1": [0.0, 1.0]} and profiles["s"].times == {"dense@tp2/1": [2.0, 1.0]}
+    calls.clear()
+    two = parse_cluster({"groups": [{"name": "c", "backend": "cpu", "devices": 1},
+                                    {"name": "s", "backend": "sim", "devices": 1, "speed": 0.5}]})
+    autoplan._add_tp_shards(cfg, two, autoplan.local_speeds(two), {"c": Profile("cpu", "c"), "s": Profile("sim", "s")},
+                            {})
+    assert calls == []  # one device per group: no TP to time
