@@ -341,8 +341,9 @@ class StageTimes:
 
 
 def tp_measured(group: GroupSpec, what: str, tp: int) -> bool:
-    """Whether the group's profile timed a TP-`tp` shard of `what` with its peers (profile.measure_tp_together):
-    then that time, collectives included, replaces the layer's time / tp plus the link model's."""
+    """Whether the group's profile timed a TP-`tp` shard of `what` with its peers
+    (profile.load_or_measure_tp_together): then that time, collectives included, replaces the layer's
+    time / tp plus the link model's."""
     prof = group.profile
     return tp > 1 and prof is not None and hasattr(prof, "measured") and prof.measured(f"{what}@tp{tp}")
 
@@ -382,8 +383,11 @@ def recompute_time(group: GroupSpec, spec: ModelSpec, what: str, mbs: int, tp: i
     measured = prof.recompute_time(what, mbs) if prof is not None and hasattr(prof, "recompute_time") else None
     if measured is None:
         return StageTimes(t.fwd, t.bwd + t.fwd)
-    scale = 1.0 / (group.speed * tp)
-    return StageTimes(measured[0] * scale, measured[1] * scale)
+    # The measured checkpoint ratios applied to compute_time's answer, so a TP shard timed with its
+    # peers (tp_measured) is recomputed from its own time, not from the layer's / tp.
+    f, b = prof.time(what, mbs)
+    ratio_fwd, ratio_all = measured[0] / f, (measured[0] + measured[1]) / (f + b)
+    return StageTimes(t.fwd * ratio_fwd, (t.fwd + t.bwd) * ratio_all - t.fwd * ratio_fwd)
 
 
 def elementwise_bytes_per_token(spec: ModelSpec, tp: int) -> float:

@@ -67,3 +67,12 @@ def test_auto_planning_times_the_tp_degrees_its_local_groups_allow(monkeypatch):
     autoplan._add_tp_shards(cfg, two, autoplan.local_speeds(two), {"c": Profile("cpu", "c"), "s": Profile("sim", "s")},
                             {})
     assert calls == []  # one device per group: no TP to time
+
+
+def test_full_recompute_of_a_measured_tp_shard_scales_the_shard_by_the_checkpoint_ratio():
+    spec = _spec()
+    # Checkpointed layer: 11 / 10 on the forward, 33 / 30 on the whole: applied to the shard's own times.
+    g = _group({**BASE, **TP2, "dense-recompute/2": [0.011, 0.022]})
+    t = cm.recompute_time(g, spec, "dense", 2, 2)
+    assert t.fwd == pytest.approx(0.009 * 1.1)
+    assert t.fwd + t.bwd == pytest.approx((0.009 + 0.016) * 1.1)
