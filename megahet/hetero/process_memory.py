@@ -62,7 +62,10 @@ def _cache_path(overrides: dict) -> str:
 
 def cached_overhead(cfg) -> Optional[float]:
     """runtime_overhead(cfg) when it has been measured before (free), else None."""
-    path = _cache_path(probe_overrides(cfg))
+    return _read_overhead(_cache_path(probe_overrides(cfg)))
+
+
+def _read_overhead(path: str) -> Optional[float]:
     if not os.path.exists(path):
         return None
     try:
@@ -81,7 +84,7 @@ def runtime_overhead(cfg, *, use_cache: bool = True, timeout: float = 300.0) -> 
     from megahet.hetero.profile import cache_dir
     overrides = probe_overrides(cfg)
     path = _cache_path(overrides)
-    hit = cached_overhead(cfg) if use_cache else None
+    hit = _read_overhead(path) if use_cache else None
     if hit is not None:
         return hit
     env = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
