@@ -242,23 +242,36 @@ class _Together:
 
     def __init__(self, store, world: int, min_seconds: float):
         self.store, self.world, self.min_seconds = store, world, min_seconds
-        self.item = 0
-
-    def _count(self, name: str) -> int:
-        return int(self.store.add(name, 0))
+        self.item, self.marked = 0, False
 
     def start(self) -> None:
         # Blocking, not polling: a rank polling the store would load the host its peers are being timed on.
-        self.item += 1
+        self.item, self.marked = self.item + 1, False
         if int(self.store.add(f"ready{self.item}", 1)) == self.world:
             self.store.set(f"go{self.item}", "1")
         self.store.wait([f"go{self.item}"])
 
-    def finished(self) -> None:
-        self.store.add(f"done{self.item}", 1)
+    def more(self, have_mine: bool) -> bool:
+        """After each run of the item: whether to run it again. `have_mine`: this rank has its samples;
+        it goes on until every rank has said so."""
+        if have_mine and not self.marked:
+            self.store.add(f"done{self.item}", 1)
+            self.marked = True
+        return not (self.marked and int(self.store.add(f"done{self.item}", 0)) >= self.world)
 
-    def all_done(self) -> bool:
-        return self._count(f"done{self.item}") >= self.world
+
+class _TogetherInTP(_Together):
+    """_Together for TP shards: the members of a TP group call collectives in every run, so they agree
+    on each `more` (any member going on keeps the group going)."""
+
+    def __init__(self, store, world: int, min_seconds: float, tp_group, device):
+        super().__init__(store, world, min_seconds)
+        self.tp_group, self.device = tp_group, device
+
+    def more(self, have_mine: bool) -> bool:
+        again = torch.tensor([1.0 if super().more(have_mine) else 0.0], device=self.device)
+        self.tp_group.all_reduce(again)
+        return again.item() > 0.0
 
 
 def _measure_rank(model_cfg, dtype, threads, mbs, vocab_size, repeats, speeds, min_seconds=0.3):
@@ -321,7 +334,9 @@ def load_or_measure_tp_together(model_cfg, dtype: torch.dtype, speeds: Sequence[
 
 def _measure_tp_rank(model_cfg, dtype, speeds, tp, sequence_parallel, mbs_list, vocab_size, threads, repeats,
                      min_seconds):
-    """One rank of load_or_measure_tp_together (a run_distributed child): its TP group's shard of each item."""
+    """One rank of load_or_measure_tp_together (a run_distributed child): its TP group's shard of each item,
+    every local rank starting it at once, each group repeating it until all local ranks have their samples."""
+    import torch.distributed as dist
     from megahet.models.gpt import GPTModel
     from megahet.models.transformer import TransformerLayer, is_moe_layer, rotary_tables
     from megahet.parallel.context import RankSpec, build_parallel_context, rendezvous_store
@@ -346,42 +361,12 @@ def _measure_tp_rank(model_cfg, dtype, speeds, tp, sequence_parallel, mbs_list, 
                      padded_vocab_size=padded, sequence_parallel=sp, dtype=dtype)
     head = GPTModel(cfg, ctx, layer_ids=[], pre_process=False, post_process=True, vocab_size=vocab_size,
                     padded_vocab_size=padded, sequence_parallel=sp, dtype=dtype)
-    item = 0
+    sync = lambda: ctx.backend.synchronize(ctx.device)  # noqa: E731
+    together = _TogetherInTP(dist.PrefixStore("megahet/profile-tp", store), world, min_seconds, ctx.tp_group,
+                             ctx.device)
 
     def timed(fn):
-        """(fwd, bwd) medians of fn() on this TP group, every local rank starting together; each group
-        repeats until all local ranks have their samples (its members agree each round)."""
-        nonlocal item
-        item += 1
-        ctx.world_group.barrier()
-        fwds, bwds, t0, i, marked = [], [], time.perf_counter(), 0, False
-        while True:
-            out = None
-
-            def forward():
-                nonlocal out
-                out = fn()
-
-            start = time.perf_counter()
-            compute_timer(ctx.backend, forward)()
-            f = time.perf_counter() - start
-            grad = torch.ones_like(out)
-            start = time.perf_counter()
-            compute_timer(ctx.backend, lambda: out.backward(grad))()
-            b = time.perf_counter() - start
-            if i:
-                fwds.append(f)
-                bwds.append(b)
-            i += 1
-            if not marked and i > repeats and time.perf_counter() - t0 >= min_seconds:
-                store.add(f"tp-done{item}", 1)
-                marked = True
-            more = torch.tensor([0.0 if marked and int(store.add(f"tp-done{item}", 0)) >= world else 1.0],
-                                device=ctx.device)
-            ctx.tp_group.all_reduce(more)  # the group goes on while any member's peers still measure
-            if more.item() == 0.0:
-                break
-        return [statistics.median(fwds), statistics.median(bwds)]
+        return _fwd_bwd(fn, sync, repeats, together=together, wrap=lambda phase: compute_timer(ctx.backend, phase))
 
     out: Dict[str, List[float]] = {}
     for mbs in mbs_list:
@@ -494,18 +479,21 @@ def measure(model_cfg, dtype: torch.dtype, *, backend: str = "cpu", threads: int
 
 
 def _fwd_bwd(fn, sync, repeats: int, after_compute=None, together: Optional[_Together] = None,
-             min_seconds: float = 0.0) -> List[float]:
+             min_seconds: float = 0.0, wrap: Optional[Callable] = None) -> List[float]:
     """Median forward and backward seconds of `fn()` (its output backpropagated with a ones gradient),
-    each including `after_compute(its compute seconds)` when given (a sim rank's idling).
+    each including `after_compute(its compute seconds)` when given (a sim rank's idling). `wrap`: applied
+    to each of forward and backward before it is timed (a TP shard: the runtime's compute_timer, which
+    stretches a sim rank's compute but not its collectives).
 
     Alone: one warm-up run and `repeats` timed ones, or more until `min_seconds` have passed (this VM's
     speed drifts by +-15% from one second to the next: a tenth of a second samples one moment).
     Together: started with the co-running ranks, for at least their `min_seconds`, and on until every
     rank has its samples (the median drops the outliers a shared host gives a few runs)."""
     fwds, bwds = [], []
+    wrap = wrap or (lambda phase: phase)
     if together:
         together.start()
-    t0, i, marked = time.perf_counter(), 0, False
+    t0, i = time.perf_counter(), 0
     while True:
         out = None
 
@@ -513,9 +501,9 @@ def _fwd_bwd(fn, sync, repeats: int, after_compute=None, together: Optional[_Tog
             nonlocal out
             out = fn()
 
-        f = _timed(forward, sync, after_compute)
+        f = _timed(wrap(forward), sync, after_compute)
         grad = torch.ones_like(out)
-        b = _timed(lambda: out.backward(grad), sync, after_compute)
+        b = _timed(wrap(lambda: out.backward(grad)), sync, after_compute)
         if i:  # the first run warms up
             fwds.append(f)
             bwds.append(b)
@@ -524,11 +512,7 @@ def _fwd_bwd(fn, sync, repeats: int, after_compute=None, together: Optional[_Tog
         if together is None:
             if enough and time.perf_counter() - t0 >= min_seconds:
                 break
-            continue
-        if not marked and enough and time.perf_counter() - t0 >= together.min_seconds:
-            together.finished()
-            marked = True
-        if marked and together.all_done():
+        elif not together.more(enough and time.perf_counter() - t0 >= together.min_seconds):
             break
     return [statistics.median(fwds), statistics.median(bwds)]
 
