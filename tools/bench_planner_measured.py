@@ -2,12 +2,12 @@
 
 For each case: profile the model here (fresh, not cached: the machine's speed drifts by +-15% from one
 second to the next and more over minutes), predict the plan, train it with torchrun (mock data) and take
-the median step time after two warm-up steps; twice, profiling before, between and after the runs, and
-compare the median of the three predictions with the mean of the two measurements. Every rank of the case's cluster is profiled at
-the same time, as the job runs them (a sim rank idling as the sim backend does: co-running profiles,
-as auto-planning takes them), each item for --min-seconds. Cases and profiles run with glibc keeping
-freed memory (the runtime's --host-allocator retain), so that a process's speed depends less on its
-allocation history (the same job measured 0.58-0.82 s in three runs without it, 0.61-0.66 s with it).
+the median step time after two warm-up steps; --runs times, profiling before, between and after the
+runs, and compare the median of the predictions with the mean of the measurements. Every rank of the
+case's cluster is profiled at the same time, as the job runs them (a sim rank idling as the sim backend
+does: co-running profiles, as auto-planning takes them), each item for --min-seconds, and a TP layout's
+shards with their peers. Cases and profiles run with glibc keeping freed memory (the runtime's
+--host-allocator retain), so that a process's speed depends less on its allocation history (the same job measured 0.58-0.82 s in three runs without it, 0.61-0.66 s with it).
 The gloo link figures (pipeline message and each collective) are measured once at the start.
 
     python tools/bench_planner_measured.py [--detail] [--only dp,pp] [--runs 2] [--min-seconds 1]
@@ -27,14 +27,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from megahet.config import build_config  # noqa: E402
 from megahet.hetero import cost_model as cm  # noqa: E402
-from megahet.hetero.autoplan import params_dtype  # noqa: E402
+from megahet.hetero.autoplan import add_tp_shards, first_per_group, local_speeds, params_dtype  # noqa: E402
 from megahet.hetero.cluster import parse_cluster  # noqa: E402
 from megahet.hetero.plan import Plan, even_layers  # noqa: E402
 from megahet.hetero.planner import cluster_groups  # noqa: E402
 from megahet.hetero.predict import Options, predict  # noqa: E402
 from megahet.hetero.process_memory import runtime_overhead  # noqa: E402
-from megahet.hetero.profile import (load_or_measure, load_or_measure_together,  # noqa: E402
-                                    load_or_measure_tp_together, measure_links)
+from megahet.hetero.profile import load_or_measure, load_or_measure_together, measure_links  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 MODEL = dict(hidden_size=256, num_attention_heads=4, seq_length=128, vocab_size=2048, global_batch_size=8,
@@ -117,23 +116,14 @@ def case_profile(cfg, cluster_raw, min_seconds=1.0, tp=1):
     every rank of the cluster measured at the same time as the job runs them (a sim rank idling as the sim
     backend does), each item timed for at least `min_seconds`; one CPU profile for a one-rank cluster.
     With tp > 1, each group's TP shard is also timed with its peers (profile.load_or_measure_tp_together)."""
-    ranks = [(g["name"], 1.0 if g["backend"] == "cpu" else float(g.get("speed", 1.0)))
-             for g in cluster_raw["groups"] for _ in range(g["devices"])]
+    ranks = local_speeds(parse_cluster(cluster_raw))
     kw = dict(threads=1, micro_batch_sizes=(cfg.train.micro_batch_size,), vocab_size=cfg.model.vocab_size,
               use_cache=False, min_seconds=min_seconds)
     if len(ranks) == 1:
         return load_or_measure(cfg.model, params_dtype(cfg), repeats=5, **kw)
-    out = {}
-    speeds = [s for _, s in ranks]
-    for (group, _), prof in zip(ranks, load_or_measure_together(cfg.model, params_dtype(cfg), speeds, **kw)):
-        out.setdefault(group, prof)  # a group's first rank speaks for it
-    shards = load_or_measure_tp_together(cfg.model, params_dtype(cfg), speeds, tp,
-                                         sequence_parallel=cfg.parallel.sequence_parallel, **kw) if tp > 1 else None
-    first = {}
-    for (group, _), times in zip(ranks, shards or []):
-        first.setdefault(group, times)  # again, a group's first rank speaks for it
-    for group, times in first.items():
-        out[group].times.update(times)
+    out = first_per_group(ranks, load_or_measure_together(cfg.model, params_dtype(cfg), [s for _, s in ranks], **kw))
+    if tp > 1:
+        add_tp_shards(cfg, ranks, out, tp, **kw)
     return out
 
 

@@ -63,32 +63,38 @@ def measure_profiles(cfg, cluster, *, progress=None, vocab_size: Optional[int] =
               vocab_size=vocab_size or cfg.model.vocab_size or 32000)
     if len(ranks) == 1:
         return load_or_measure(cfg.model, params_dtype(cfg), backend="cpu", **kw)
-    speeds = [s for _, s in ranks]
-    profiles = load_or_measure_together(cfg.model, params_dtype(cfg), speeds, **kw)
-    out: Dict[str, object] = {}
-    for (group, _), prof in zip(ranks, profiles):
-        out.setdefault(group, prof)  # a group's first rank speaks for it
+    out = first_per_group(ranks, load_or_measure_together(cfg.model, params_dtype(cfg), [s for _, s in ranks], **kw))
     _add_tp_shards(cfg, cluster, ranks, out, kw)
     return out
 
 
-def _add_tp_shards(cfg, cluster, ranks, profiles, kw) -> None:
-    """Time each TP degree the search can give the local groups (a power of two dividing the heads, up
-    to the largest group) with its peers, when the local ranks split into TP groups of one speed
-    (profile.load_or_measure_tp_together): a shard's time / tp plus the link model missed 20-35% of a
-    TP stage here. Degrees that do not split the ranks keep the derived estimate."""
+def first_per_group(ranks: List[Tuple[str, float]], per_rank) -> Dict[str, object]:
+    """{group: what its first rank measured} from one result per local rank (local_speeds' order)."""
+    out: Dict[str, object] = {}
+    for (group, _), value in zip(ranks, per_rank):
+        out.setdefault(group, value)
+    return out
+
+
+def add_tp_shards(cfg, ranks, profiles: Dict[str, object], tp: int, **kw) -> None:
+    """Time TP-`tp` shards of the local ranks with their peers (profile.load_or_measure_tp_together) and
+    add them to each group's profile; nothing when the ranks do not split into TP groups of one speed
+    (those keep the derived estimate: a layer's time / tp plus the link model, which missed 20-35% of
+    a TP stage here)."""
     from megahet.hetero.profile import load_or_measure_tp_together
+    shards = load_or_measure_tp_together(cfg.model, params_dtype(cfg), [s for _, s in ranks], tp,
+                                         sequence_parallel=cfg.parallel.sequence_parallel, **kw)
+    for group, times in first_per_group(ranks, shards or []).items():
+        profiles[group].times.update(times)
+
+
+def _add_tp_shards(cfg, cluster, ranks, profiles, kw) -> None:
+    """add_tp_shards for each TP degree the search can give the local groups: a power of two dividing
+    the heads, up to the largest group."""
     largest = max(g.devices for g in cluster.groups if g.backend in _PROFILED)
-    heads = cfg.model.num_attention_heads
     tp = 2
-    while tp <= largest and heads % tp == 0:
-        shards = load_or_measure_tp_together(cfg.model, params_dtype(cfg), [s for _, s in ranks], tp,
-                                             sequence_parallel=cfg.parallel.sequence_parallel, **kw)
-        first: Dict[str, dict] = {}
-        for (group, _), times in zip(ranks, shards or []):
-            first.setdefault(group, times)  # a group's first rank speaks for it
-        for group, times in first.items():
-            profiles[group].times.update(times)
+    while tp <= largest and cfg.model.num_attention_heads % tp == 0:
+        add_tp_shards(cfg, ranks, profiles, tp, **kw)
         tp *= 2
 
 
