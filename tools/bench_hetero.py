@@ -17,8 +17,8 @@
      overlaps the other rank's (memory bandwidth), while the cpu rank's overlaps the sim's only
      about half the time, the rest being the sim's idling;
    - the pipeline's layer split: the two splits nearest the proportional share are each tried in a
-     run of `--iters` steps and the better balanced (median over its steps) is kept (the first stage also embeds, the last also runs the
-     head and the loss).
+     run of `--iters` steps and the better balanced (median over its steps) is kept (the first stage
+     also embeds, the last also runs the head and the loss).
    Then, per round: each device alone on its data-parallel share (the ideal is the sum of their
    throughputs), data parallel with that split, the pipeline (balance = sum of stage compute times /
    (stages x the largest)) and, with `--rebalance` (default), data parallel from the nominal 2:1
