@@ -8,6 +8,7 @@ import sys
 
 from megahet.config import parse_args
 from megahet.errors import MegahetError
+from megahet.parallel.context import close_distributed
 from megahet.training.pretrain import pretrain
 
 
@@ -15,6 +16,7 @@ def main(argv=None) -> int:
     try:
         cfg = parse_args(argv)  # 1. YAML + Megatron-style flags -> validated config
         pretrain(cfg)  # 2. context, data, model, optimizer, loop, checkpoints, metrics
+        close_distributed()  # 3. process groups down before the interpreter (else gloo can abort the exit)
     except MegahetError as exc:
         # Expected user errors: one line, no traceback, non-zero exit.
         msg = f"megahet error: {exc}"

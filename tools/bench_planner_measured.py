@@ -3,14 +3,15 @@
 For each case: profile the model here (fresh, not cached: the machine's speed drifts by +-15% from one
 second to the next and more over minutes), predict the plan, train it with torchrun (mock data) and take
 the median step time after two warm-up steps; --runs times, profiling before, between and after the
-runs, and compare the median of the predictions with the mean of the measurements. Every rank of the
+runs, and compare the median of the predictions with the median of the measurements (either side: one
+profile or one run can catch a slow moment of this VM). Every rank of the
 case's cluster is profiled at the same time, as the job runs them (a sim rank idling as the sim backend
-does: co-running profiles, as auto-planning takes them), each item for --min-seconds, and a TP layout's
+does: co-running profiles, as auto-planning takes them), each item for --min-seconds, and a TP or EP layout's
 shards with their peers. Cases and profiles run with glibc keeping freed memory (the runtime's
 --host-allocator retain), so that a process's speed depends less on its allocation history (the same job measured 0.58-0.82 s in three runs without it, 0.61-0.66 s with it).
 The gloo link figures (pipeline message and each collective) are measured once at the start.
 
-    python tools/bench_planner_measured.py [--detail] [--only dp,pp] [--runs 2] [--min-seconds 1]
+    python tools/bench_planner_measured.py [--detail] [--only dp,pp] [--runs 3] [--min-seconds 1]
 
 Plans are the uniform layouts the runtime runs from flags (Plan.uniform over the cluster spec), or
 plan files when the runtime accepts --plan.
@@ -27,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from megahet.config import build_config  # noqa: E402
 from megahet.hetero import cost_model as cm  # noqa: E402
-from megahet.hetero.autoplan import add_tp_shards, first_per_group, local_speeds, params_dtype  # noqa: E402
+from megahet.hetero.autoplan import add_shards, first_per_group, local_speeds, params_dtype  # noqa: E402
 from megahet.hetero.cluster import parse_cluster  # noqa: E402
 from megahet.hetero.plan import Plan, even_layers  # noqa: E402
 from megahet.hetero.planner import cluster_groups  # noqa: E402
@@ -111,19 +112,20 @@ def predict_case(cluster_raw, layout, model, profile, links_prof):
     return predict(plan, spec, groups, links, opts, keep_timeline=True), cfg
 
 
-def case_profile(cfg, cluster_raw, min_seconds=1.0, tp=1):
+def case_profile(cfg, cluster_raw, min_seconds=1.0, tp=1, ep=1):
     """What cluster_groups takes for the case, fresh (the host's speed drifts): {group: its own profile},
     every rank of the cluster measured at the same time as the job runs them (a sim rank idling as the sim
     backend does), each item timed for at least `min_seconds`; one CPU profile for a one-rank cluster.
-    With tp > 1, each group's TP shard is also timed with its peers (profile.load_or_measure_tp_together)."""
+    With tp or ep > 1, each group's TP / EP shards are also timed with their peers
+    (profile.load_or_measure_shards_together)."""
     ranks = local_speeds(parse_cluster(cluster_raw))
     kw = dict(threads=1, micro_batch_sizes=(cfg.train.micro_batch_size,), vocab_size=cfg.model.vocab_size,
               use_cache=False, min_seconds=min_seconds)
     if len(ranks) == 1:
         return load_or_measure(cfg.model, params_dtype(cfg), repeats=5, **kw)
     out = first_per_group(ranks, load_or_measure_together(cfg.model, params_dtype(cfg), [s for _, s in ranks], **kw))
-    if tp > 1:
-        add_tp_shards(cfg, ranks, out, tp, **kw)
+    if tp > 1 or ep > 1:
+        add_shards(cfg, ranks, out, tp, ep, **kw)
     return out
 
 
@@ -144,7 +146,10 @@ def run_case(cluster_raw, layout, model, iters, port, detail=False):
         env = dict(os.environ, OMP_NUM_THREADS="1")  # as profiled: one thread per rank on this shared host
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         if proc.returncode:
-            raise RuntimeError(proc.stderr[-2000:])
+            fd, log = tempfile.mkstemp(prefix="megahet-bench-failed-", suffix=".log")
+            with os.fdopen(fd, "w") as fh:
+                fh.write(" ".join(cmd) + "\n" + proc.stdout + proc.stderr)
+            raise RuntimeError(f"{proc.stderr[-2000:]}\n(the whole output: {log})")
         with open(metrics) as fh:
             rows = [json.loads(line) for line in fh]
     rows = rows[2:] if len(rows) > 3 else rows[-1:]
@@ -153,6 +158,14 @@ def run_case(cluster_raw, layout, model, iters, port, detail=False):
         return step
     compute = [statistics.median(r["stages"][k]["compute_s"] for r in rows) for k in sorted(rows[0]["stages"])]
     return step, compute
+
+
+def _layer_ms(profiles, mbs: int) -> str:
+    """One profile's first layer kind, forward + backward milliseconds per group ("21/44"): which profile
+    caught a slow moment."""
+    profs = profiles if isinstance(profiles, dict) else {"": profiles}
+    kind = "dense" if "dense/%d" % mbs in next(iter(profs.values())).times else "moe"
+    return "/".join(f"{sum(p.times[f'{kind}/{mbs}']) * 1e3:.0f}" for p in profs.values())
 
 
 def _load() -> str:
@@ -339,7 +352,7 @@ def main():
     ap.add_argument("--autoplan-dp", action="store_true", help="only the auto-plan quality measurement (data "
                     "parallel vs each device alone)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of the auto-plan measurement")
-    ap.add_argument("--runs", type=int, default=2, help="runs of each case (profiled before, between, after)")
+    ap.add_argument("--runs", type=int, default=3, help="runs of each case (profiled before, between, after)")
     ap.add_argument("--min-seconds", type=float, default=1.0, help="seconds each profiled item is timed for")
     ap.add_argument("--allocator", choices=("retain", "default"), default="retain",
                     help="glibc allocator settings of the cases and profiles (--host-allocator)")
@@ -367,22 +380,28 @@ def main():
     for i, name in enumerate(names):
         cluster_raw, layout, model = CASES[name]
         cfg = build_config(overrides={**MODEL, **model, "mock_data": True, "train_iters": 10}, validate=False)
-        preds = []
+        preds, layer_ms = [], []
 
         def profile_all():
-            prof = case_profile(cfg, cluster_raw, args.min_seconds, layout.get("tensor_model_parallel_size", 1))
+            prof = case_profile(cfg, cluster_raw, args.min_seconds, layout.get("tensor_model_parallel_size", 1),
+                                layout.get("expert_model_parallel_size", 1))
             preds.append(predict_case(cluster_raw, layout, model, prof, links_prof)[0])
+            layer_ms.append(_layer_ms(prof, cfg.train.micro_batch_size))
 
         # The host's speed drifts by +-15% from second to second and more over minutes: profile before,
         # between and after the runs, and average each side.
         steps, computes = [], []
         profile_all()
         for r in range(args.runs):
-            step, compute = run_case(cluster_raw, layout, model, args.iters, 29700 + 10 * i + r, detail=True)
+            try:
+                step, compute = run_case(cluster_raw, layout, model, args.iters, 29700 + 10 * i + r, detail=True)
+            except RuntimeError as exc:  # once: a rank can abort at exit after training (see README)
+                print(f"  {name} run {r + 1} failed, run again: {str(exc).splitlines()[-1]}", flush=True)
+                step, compute = run_case(cluster_raw, layout, model, args.iters, 29800 + 10 * i + r, detail=True)
             steps.append(step)
             computes.append(compute)
             profile_all()
-        measured = statistics.mean(steps)
+        measured = statistics.median(steps)  # a run can catch a slow moment too
         predicted = statistics.median(p.step_time_s for p in preds)  # one profile can catch a slow moment
         err = predicted / measured - 1
         errors.append(abs(err))
@@ -397,7 +416,8 @@ def main():
                   f"{statistics.mean(p.pipeline_time_s for p in ps):.3f} + dp "
                   f"{statistics.mean(p.dp_exposed_s for p in ps):.3f} + optimizer "
                   f"{statistics.mean(p.optimizer_s for p in ps):.3f} s; single profiles "
-                  + ", ".join(f"{p.step_time_s:.3f}" for p in ps), flush=True)
+                  + ", ".join(f"{p.step_time_s:.3f}" for p in ps) + "; their layer forward + backward ms "
+                  + ", ".join(layer_ms), flush=True)
     print(f"mean |error| {statistics.mean(errors) * 100:.1f}%, max {max(errors) * 100:.1f}%, "
           f"within 10%: {sum(e <= 0.10 for e in errors)} of {len(errors)}")
 

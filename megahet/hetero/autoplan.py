@@ -64,7 +64,7 @@ def measure_profiles(cfg, cluster, *, progress=None, vocab_size: Optional[int] =
     if len(ranks) == 1:
         return load_or_measure(cfg.model, params_dtype(cfg), backend="cpu", **kw)
     out = first_per_group(ranks, load_or_measure_together(cfg.model, params_dtype(cfg), [s for _, s in ranks], **kw))
-    _add_tp_shards(cfg, cluster, ranks, out, kw)
+    _add_shards(cfg, cluster, ranks, out, kw)
     return out
 
 
@@ -76,26 +76,33 @@ def first_per_group(ranks: List[Tuple[str, float]], per_rank) -> Dict[str, objec
     return out
 
 
-def add_tp_shards(cfg, ranks, profiles: Dict[str, object], tp: int, **kw) -> None:
-    """Time TP-`tp` shards of the local ranks with their peers (profile.load_or_measure_tp_together) and
-    add them to each group's profile; nothing when the ranks do not split into TP groups of one speed
-    (those keep the derived estimate: a layer's time / tp plus the link model, which missed 20-35% of
-    a TP stage here)."""
-    from megahet.hetero.profile import load_or_measure_tp_together
-    shards = load_or_measure_tp_together(cfg.model, params_dtype(cfg), [s for _, s in ranks], tp,
-                                         sequence_parallel=cfg.parallel.sequence_parallel, **kw)
+def add_shards(cfg, ranks, profiles: Dict[str, object], tp: int, ep: int = 1, **kw) -> None:
+    """Time the local ranks' TP-`tp` / EP-`ep` shards with their peers (profile.load_or_measure_shards_together)
+    and add them to each group's profile; nothing when the ranks do not split into blocks of one speed
+    (those keep the derived estimate: a layer's time / tp plus the link model, which missed 20-35% of a
+    TP stage here)."""
+    from megahet.hetero.profile import load_or_measure_shards_together
+    shards = load_or_measure_shards_together(cfg.model, params_dtype(cfg), [s for _, s in ranks], tp, ep,
+                                             sequence_parallel=cfg.parallel.sequence_parallel, **kw)
     for group, times in first_per_group(ranks, shards or []).items():
         profiles[group].times.update(times)
 
 
-def _add_tp_shards(cfg, cluster, ranks, profiles, kw) -> None:
-    """add_tp_shards for each TP degree the search can give the local groups: a power of two dividing
-    the heads, up to the largest group."""
+def _add_shards(cfg, cluster, ranks, profiles, kw) -> None:
+    """add_shards for each TP x EP the search can give the local groups: TP a power of two dividing the
+    heads, EP (MoE models) a power of two dividing the experts, their product up to the largest group."""
     largest = max(g.devices for g in cluster.groups if g.backend in _PROFILED)
-    tp = 2
-    while tp <= largest and cfg.model.num_attention_heads % tp == 0:
-        add_tp_shards(cfg, ranks, profiles, tp, **kw)
-        tp *= 2
+
+    def powers(limit: int, divides: int) -> List[int]:
+        out = [1]
+        while out[-1] * 2 <= limit and divides % (out[-1] * 2) == 0:
+            out.append(out[-1] * 2)
+        return out
+
+    for tp in powers(largest, cfg.model.num_attention_heads):
+        for ep in powers(largest // tp, cfg.model.num_experts or 1):
+            if tp * ep > 1:
+                add_shards(cfg, ranks, profiles, tp, ep, **kw)
 
 
 def profile_for(cfg, cluster, *, measure: bool = True, progress=None, vocab_size: Optional[int] = None):

@@ -340,25 +340,36 @@ class StageTimes:
     bwd: float
 
 
-def tp_measured(group: GroupSpec, what: str, tp: int) -> bool:
-    """Whether the group's profile timed a TP-`tp` shard of `what` with its peers
-    (profile.load_or_measure_tp_together): then that time, collectives included, replaces the layer's
-    time / tp plus the link model's."""
+def shard_key(what: str, tp: int, ep: int = 1) -> str:
+    """The profile key of a rank's shard of `what` at TP `tp` and (MoE layers only) EP `ep`, as
+    profile.load_or_measure_shards_together times it with its peers: "dense@tp2", "moe@ep2",
+    "moe@tp2ep2"; `what` itself for an unsharded piece."""
+    degrees = (f"tp{tp}" if tp > 1 else "") + (f"ep{ep}" if ep > 1 and what == "moe" else "")
+    return f"{what}@{degrees}" if degrees else what
+
+
+def shard_measured(group: GroupSpec, what: str, tp: int, ep: int = 1) -> bool:
+    """Whether the group's profile timed its TP-`tp` (EP-`ep` for a MoE layer) shard of `what` with its
+    peers (profile.load_or_measure_shards_together): then that time, the shard's TP and EP collectives
+    included, replaces the layer's time / tp plus the link model's collectives."""
+    key = shard_key(what, tp, ep)
     prof = group.profile
-    return tp > 1 and prof is not None and hasattr(prof, "measured") and prof.measured(f"{what}@tp{tp}")
+    return "@" in key and prof is not None and hasattr(prof, "measured") and prof.measured(key)
 
 
-def compute_time(group: GroupSpec, spec: ModelSpec, what: str, mbs: int, tp: int) -> StageTimes:
+def compute_time(group: GroupSpec, spec: ModelSpec, what: str, mbs: int, tp: int, ep: int = 1) -> StageTimes:
     """Forward / backward seconds of `what` ('dense', 'moe', 'embed', 'head') for one micro-batch.
 
-    With a profile (backends present) the measured time at this micro-batch size is used: the TP shard's
-    own where it was timed at this degree (collectives included), else the layer's split over the TP
-    ranks; otherwise FLOPs / (peak x efficiency). Backward is 2x forward for FLOP-based estimates.
+    With a profile (backends present) the measured time at this micro-batch size is used: the shard's
+    own where it was timed at this TP (and, for a MoE layer, EP) degree, collectives included, else the
+    layer's split over the TP ranks; otherwise FLOPs / (peak x efficiency). Backward is 2x forward for
+    FLOP-based estimates. Without a measured shard, EP does not change a rank's compute (it runs its
+    experts on every rank's tokens routed to them: on average as many as its own tokens would give).
     """
     prof = group.profile
     if prof is not None:
-        if tp_measured(group, what, tp):  # the shard timed with its peers, its collectives included
-            fwd, bwd = prof.time(f"{what}@tp{tp}", mbs)
+        if shard_measured(group, what, tp, ep):  # timed with its peers, its collectives included
+            fwd, bwd = prof.time(shard_key(what, tp, ep), mbs)
             return StageTimes(fwd / group.speed, bwd / group.speed)
         fwd, bwd = prof.time(what, mbs)
         scale = 1.0 / (group.speed * (tp if what != "embed" else 1))
@@ -374,17 +385,17 @@ def compute_time(group: GroupSpec, spec: ModelSpec, what: str, mbs: int, tp: int
     return StageTimes(fwd, 2.0 * fwd)
 
 
-def recompute_time(group: GroupSpec, spec: ModelSpec, what: str, mbs: int, tp: int) -> StageTimes:
+def recompute_time(group: GroupSpec, spec: ModelSpec, what: str, mbs: int, tp: int, ep: int = 1) -> StageTimes:
     """Forward / backward seconds of a fully recomputed `what` layer for one micro-batch: measured where
     the profile timed a checkpointed layer (its forward and its backward's recompute both cost more than
     a plain layer's: +8-14% for the whole here), else the plain layer with one more forward in backward."""
-    t = compute_time(group, spec, what, mbs, tp)
+    t = compute_time(group, spec, what, mbs, tp, ep)
     prof = group.profile
     measured = prof.recompute_time(what, mbs) if prof is not None and hasattr(prof, "recompute_time") else None
     if measured is None:
         return StageTimes(t.fwd, t.bwd + t.fwd)
-    # The measured checkpoint ratios applied to compute_time's answer, so a TP shard timed with its
-    # peers (tp_measured) is recomputed from its own time, not from the layer's / tp.
+    # The measured checkpoint ratios applied to compute_time's answer, so a shard timed with its peers
+    # (shard_measured) is recomputed from its own time, not from the layer's / tp.
     f, b = prof.time(what, mbs)
     ratio_fwd, ratio_all = measured[0] / f, (measured[0] + measured[1]) / (f + b)
     return StageTimes(t.fwd * ratio_fwd, (t.fwd + t.bwd) * ratio_all - t.fwd * ratio_fwd)

@@ -151,7 +151,6 @@ def _chunk_cost(spec, group, links, layer_ids, first, last, mbs, tp, ep, recompu
     fwd = bwd = 0.0
     act = 0.0
     tokens = mbs * spec.seq
-    n_moe = sum(1 for i in layer_ids if spec.is_moe(i))
     counts: Dict[Tuple[str, Optional[str]], int] = {}
     for j, i in enumerate(layer_ids):
         if block is None:
@@ -161,8 +160,8 @@ def _chunk_cost(spec, group, links, layer_ids, first, last, mbs, tp, ep, recompu
         key = ("moe" if spec.is_moe(i) else "dense", rc)
         counts[key] = counts.get(key, 0) + 1
     for (kind, rc), n in counts.items():
-        t = cm.recompute_time(group, spec, kind, mbs, tp) if rc == "full" else cm.compute_time(
-            group, spec, kind, mbs, tp)
+        t = cm.recompute_time(group, spec, kind, mbs, tp, ep) if rc == "full" else cm.compute_time(
+            group, spec, kind, mbs, tp, ep)
         fwd += n * t.fwd
         bwd += n * t.bwd
         if rc == "selective":
@@ -176,10 +175,11 @@ def _chunk_cost(spec, group, links, layer_ids, first, last, mbs, tp, ep, recompu
         t = cm.compute_time(group, spec, "head", mbs, tp)
         fwd, bwd = fwd + t.fwd, bwd + t.bwd
         act += tokens * _head_per_token(spec, group, tp)
-    # A TP shard timed with its peers includes its collectives: charge only the others' (cost_model.tp_measured).
-    unmeasured = sum(1 for i in layer_ids if not cm.tp_measured(group, "moe" if spec.is_moe(i) else "dense", tp))
-    comm = cm.tp_comm_time(spec, group, links, mbs, tp, unmeasured) + cm.ep_comm_time(
-        spec, group, links, mbs, tp, ep, n_moe)
+    # A shard timed with its peers includes its TP and EP collectives: charge only the others' from the
+    # link model (cost_model.shard_measured).
+    unmeasured = [i for i in layer_ids if not cm.shard_measured(group, "moe" if spec.is_moe(i) else "dense", tp, ep)]
+    comm = cm.tp_comm_time(spec, group, links, mbs, tp, len(unmeasured)) + cm.ep_comm_time(
+        spec, group, links, mbs, tp, ep, sum(1 for i in unmeasured if spec.is_moe(i)))
     return fwd + comm / 2, bwd + comm / 2, act
 
 

@@ -5,9 +5,10 @@ timed forward and backward at each candidate micro-batch size, with the thread c
 have; the bytes autograd keeps for backward are counted per token (saved-tensor hooks, deduplicated by
 storage, parameters excluded), with and without recompute; an AdamW step gives seconds per parameter.
 Results are cached as JSON under $MEGAHET_CACHE_DIR/profiles keyed by (backend, shape, dtype, threads,
-torch version), so planning again is free. A TP shard is timed with its peers, every local TP group at
-once (`load_or_measure_tp_together`, keys "<what>@tp<t>/<mbs>", collectives included); where a degree
-was not timed, a shard's compute is the layer's time / tp and its collectives come from the link model.
+torch version), so planning again is free. A TP shard, and a MoE layer's TP/EP shard, is timed with its
+peers, every local group at once (`load_or_measure_shards_together`, keys cost_model.shard_key's
+"<what>@tp<t>/<mbs>", "moe@ep<e>/<mbs>", collectives included); where a degree was not timed, a shard's
+compute is the layer's time / tp and its collectives come from the link model.
 
 Ranks that will share this host (the cluster's cpu and sim ranks) are profiled together, each in its
 own process at the same time (`load_or_measure_together`), and each group gets its own profile: a sim
@@ -260,17 +261,17 @@ class _Together:
         return not (self.marked and int(self.store.add(f"done{self.item}", 0)) >= self.world)
 
 
-class _TogetherInTP(_Together):
-    """_Together for TP shards: the members of a TP group call collectives in every run, so they agree
+class _TogetherInGroup(_Together):
+    """_Together for TP / EP shards: the members of a group call collectives in every run, so they agree
     on each `more` (any member going on keeps the group going)."""
 
-    def __init__(self, store, world: int, min_seconds: float, tp_group, device):
+    def __init__(self, store, world: int, min_seconds: float, group, device):
         super().__init__(store, world, min_seconds)
-        self.tp_group, self.device = tp_group, device
+        self.group, self.device = group, device
 
     def more(self, have_mine: bool) -> bool:
         again = torch.tensor([1.0 if super().more(have_mine) else 0.0], device=self.device)
-        self.tp_group.all_reduce(again)
+        self.group.all_reduce(again)
         return again.item() > 0.0
 
 
@@ -291,52 +292,61 @@ def _measure_rank(model_cfg, dtype, threads, mbs, vocab_size, repeats, speeds, m
     return prof
 
 
-def load_or_measure_tp_together(model_cfg, dtype: torch.dtype, speeds: Sequence[float], tp: int, *,
-                                sequence_parallel: bool = False, micro_batch_sizes: Sequence[int] = (1, 2, 4),
-                                vocab_size: int = 32000, threads: int = 1, repeats: int = 3,
-                                min_seconds: float = 0.3, use_cache: bool = True, timeout: float = 600.0,
-                                progress: Optional[Progress] = None) -> Optional[List[Dict[str, List[float]]]]:
-    """Forward and backward seconds of a TP shard, measured with its TP peers: one dict per local rank,
-    keys "dense@tp{tp}/{mbs}", "embed@tp{tp}/{mbs}", "head@tp{tp}/{mbs}" (cost_model.compute_time
-    takes them for that TP degree as they are). None when the ranks do not split into TP groups of one
-    speed each (consecutive ranks, as the runtime's layout groups them).
+def load_or_measure_shards_together(model_cfg, dtype: torch.dtype, speeds: Sequence[float], tp: int, ep: int = 1,
+                                    *, sequence_parallel: bool = False, micro_batch_sizes: Sequence[int] = (1, 2, 4),
+                                    vocab_size: int = 32000, threads: int = 1, repeats: int = 3,
+                                    min_seconds: float = 0.3, use_cache: bool = True, timeout: float = 600.0,
+                                    progress: Optional[Progress] = None) -> Optional[List[Dict[str, List[float]]]]:
+    """Forward and backward seconds of TP / EP shards, measured with their peers: one dict per local rank,
+    keyed by cost_model.shard_key + "/{mbs}" (compute_time takes them for those degrees as they are).
+    With tp > 1 and ep 1: the dense layer, the embedding and the head at TP `tp` ("dense@tp2/1", ...), and
+    the MoE layer of a MoE model; with ep > 1: only the MoE layer ("moe@ep2/1", "moe@tp2ep2/1"). None
+    when there is nothing to shard or the ranks do not split into blocks of tp x ep consecutive ranks of
+    one speed each (how the runtime's layout groups them), or ep does not divide the experts.
 
     Why measured, not derived: a layer's time / tp plus the collectives' link fit missed 20-35% of a TP
     stage here. The shard's smaller matmuls run less efficiently, the parts TP does not split (norms,
-    residuals without sequence parallelism) run on every rank, and each of a layer's four collectives
-    waits for the slower peer after compute. Every local rank runs at once (each TP group its own
+    residuals without sequence parallelism) run on every rank, and each collective (a TP layer's four
+    all-reduces, a MoE layer's dispatch and combine all-to-alls) waits for the slower peer after compute,
+    an EP peer also for its share of the routed tokens. Every local rank runs at once (each group its own
     shard, sim ranks stretched as the runtime stretches them: collectives left out), so the groups
-    contend as in the job. Cached under (shape, dtype, threads, micro-batch sizes, speeds, TP, sequence
-    parallelism, torch version).
+    contend as in the job. Cached under (shape, dtype, threads, micro-batch sizes, speeds, TP, EP,
+    sequence parallelism, torch version).
     """
     speeds = [float(s) for s in speeds]
-    if tp <= 1 or len(speeds) % tp or any(len(set(speeds[i:i + tp])) != 1 for i in range(0, len(speeds), tp)):
+    block = tp * ep
+    moe = bool(model_cfg.num_experts)
+    if block <= 1 or (ep > 1 and (not moe or model_cfg.num_experts % ep)) or len(speeds) % block \
+            or any(len(set(speeds[i:i + block])) != 1 for i in range(0, len(speeds), block)):
         return None
-    key = profile_key("tp", model_cfg, dtype, threads, list(micro_batch_sizes) + [tuple(speeds), tp,
-                                                                                 bool(sequence_parallel)])
+    key = profile_key("tp" if ep == 1 else "shards", model_cfg, dtype, threads,
+                      list(micro_batch_sizes) + [tuple(speeds), tp, bool(sequence_parallel)] + ([ep] if ep > 1 else []))
     path = os.path.join(cache_dir(), key + ".json")
     cached = _read_cache(path) if use_cache else None
     if isinstance(cached, list) and len(cached) == len(speeds):
         return cached
     import multiprocessing as mp
     if mp.current_process().daemon:
-        log.warning("megahet: cannot profile TP %d from a daemonic process; its time is derived instead", tp)
+        log.warning("megahet: cannot profile TP %d / EP %d shards from a daemonic process; their time is derived "
+                    "instead", tp, ep)
         return None
     from megahet.testing import run_distributed
-    out = run_distributed(_measure_tp_rank, len(speeds), model_cfg, dtype, speeds, tp, sequence_parallel,
+    out = run_distributed(_measure_shard_rank, len(speeds), model_cfg, dtype, speeds, tp, ep, sequence_parallel,
                           list(micro_batch_sizes), vocab_size, threads, repeats, min_seconds, timeout=timeout,
                           env={"MEGAHET_TEST_THREADS": str(threads)})
     if progress:
-        progress(1, 1, f"profiled TP {tp} shards of {len(speeds)} co-running ranks")
+        progress(1, 1, f"profiled TP {tp} / EP {ep} shards of {len(speeds)} co-running ranks")
     _write_cache(path, out)
     return out
 
 
-def _measure_tp_rank(model_cfg, dtype, speeds, tp, sequence_parallel, mbs_list, vocab_size, threads, repeats,
-                     min_seconds):
-    """One rank of load_or_measure_tp_together (a run_distributed child): its TP group's shard of each item,
-    every local rank starting it at once, each group repeating it until all local ranks have their samples."""
+def _measure_shard_rank(model_cfg, dtype, speeds, tp, ep, sequence_parallel, mbs_list, vocab_size, threads, repeats,
+                        min_seconds):
+    """One rank of load_or_measure_shards_together (a run_distributed child): its TP/EP group's shard of
+    each item, every local rank starting it at once, each group repeating it until all local ranks have
+    their samples."""
     import torch.distributed as dist
+    from megahet.hetero.cost_model import shard_key
     from megahet.models.gpt import GPTModel
     from megahet.models.transformer import TransformerLayer, is_moe_layer, rotary_tables
     from megahet.parallel.context import RankSpec, build_parallel_context, rendezvous_store
@@ -345,7 +355,7 @@ def _measure_tp_rank(model_cfg, dtype, speeds, tp, sequence_parallel, mbs_list, 
     specs = [RankSpec("cpu") if s >= 1.0 else RankSpec("sim", {"speed": s}) for s in speeds]
     world = len(speeds)
     store = rendezvous_store(int(os.environ["RANK"]), world, 120)
-    ctx = build_parallel_context(tp=tp, rank_specs=specs, timeout_s=120, store=store)
+    ctx = build_parallel_context(tp=tp, ep=ep, rank_specs=specs, timeout_s=120, store=store)
     torch.set_num_threads(threads)
     cfg = model_cfg
     seq, h = cfg.seq_length, cfg.hidden_size
@@ -353,31 +363,37 @@ def _measure_tp_rank(model_cfg, dtype, speeds, tp, sequence_parallel, mbs_list, 
     s_local = seq // tp if sp else seq
     rope = rotary_tables(cfg.max_position_embeddings or seq, cfg.kv_channels, cfg.rotary_base, ctx.device) \
         if cfg.position_embedding_type == "rope" else None
-    padded = padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, tp)
-    dense = next((i for i in range(cfg.num_layers) if not is_moe_layer(cfg, i)), None)
+    layer_ids = {"dense": next((i for i in range(cfg.num_layers) if not is_moe_layer(cfg, i)), None),
+                 "moe": next((i for i in range(cfg.num_layers) if is_moe_layer(cfg, i)), None)}
+    kinds = [k for k in (["dense"] if ep == 1 else []) + ["moe"] if layer_ids[k] is not None]
     torch.manual_seed(0)
-    layer = TransformerLayer(cfg, ctx, dense, 1234, sp, dtype, ctx.device, None) if dense is not None else None
-    embed = GPTModel(cfg, ctx, layer_ids=[], pre_process=True, post_process=False, vocab_size=vocab_size,
-                     padded_vocab_size=padded, sequence_parallel=sp, dtype=dtype)
-    head = GPTModel(cfg, ctx, layer_ids=[], pre_process=False, post_process=True, vocab_size=vocab_size,
-                    padded_vocab_size=padded, sequence_parallel=sp, dtype=dtype)
+    layers = {k: TransformerLayer(cfg, ctx, layer_ids[k], 1234, sp, dtype, ctx.device, None) for k in kinds}
+    if ep == 1:
+        padded = padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, tp)
+        embed = GPTModel(cfg, ctx, layer_ids=[], pre_process=True, post_process=False, vocab_size=vocab_size,
+                         padded_vocab_size=padded, sequence_parallel=sp, dtype=dtype)
+        head = GPTModel(cfg, ctx, layer_ids=[], pre_process=False, post_process=True, vocab_size=vocab_size,
+                        padded_vocab_size=padded, sequence_parallel=sp, dtype=dtype)
     sync = lambda: ctx.backend.synchronize(ctx.device)  # noqa: E731
-    together = _TogetherInTP(dist.PrefixStore("megahet/profile-tp", store), world, min_seconds, ctx.tp_group,
-                             ctx.device)
+    # Every member of a TP or EP group calls its collectives in each run: the whole tp x ep block agrees
+    # on each `more` (consecutive ranks, as the layout groups them; its TP group when ep is 1).
+    group = ctx.tp_group if ep == 1 else ctx.ep_group if tp == 1 else ctx.world_group
+    together = _TogetherInGroup(dist.PrefixStore("megahet/profile-shards", store), world, min_seconds, group, ctx.device)
 
     def timed(fn):
         return _fwd_bwd(fn, sync, repeats, together=together, wrap=lambda phase: compute_timer(ctx.backend, phase))
 
     out: Dict[str, List[float]] = {}
     for mbs in mbs_list:
-        if layer is not None:
+        for kind, layer in layers.items():
             x = torch.randn(s_local, mbs, h, dtype=dtype, device=ctx.device)
-            out[f"dense@tp{tp}/{mbs}"] = timed(lambda x=x: layer(x.requires_grad_(), rope))
-        tokens = torch.randint(0, vocab_size, (mbs, seq), device=ctx.device)
-        out[f"embed@tp{tp}/{mbs}"] = timed(lambda t=tokens: embed(tokens=t))
-        hidden = torch.randn(s_local, mbs, h, dtype=dtype, device=ctx.device)
-        out[f"head@tp{tp}/{mbs}"] = timed(lambda x=hidden, t=tokens: head(hidden_states=x.requires_grad_(),
-                                                                          labels=t).sum())
+            out[f"{shard_key(kind, tp, ep)}/{mbs}"] = timed(lambda x=x, layer=layer: layer(x.requires_grad_(), rope))
+        if ep == 1:
+            tokens = torch.randint(0, vocab_size, (mbs, seq), device=ctx.device)
+            out[f"embed@tp{tp}/{mbs}"] = timed(lambda t=tokens: embed(tokens=t))
+            hidden = torch.randn(s_local, mbs, h, dtype=dtype, device=ctx.device)
+            out[f"head@tp{tp}/{mbs}"] = timed(lambda x=hidden, t=tokens: head(hidden_states=x.requires_grad_(),
+                                                                              labels=t).sum())
     ctx.world_group.barrier()  # nobody leaves while a peer may still call a collective
     return out
 

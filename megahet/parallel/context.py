@@ -341,6 +341,17 @@ def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
     return ctx
 
 
+def close_distributed() -> None:
+    """Destroy the default process group and every group made from it: a finished job's last act
+    (examples/pretrain_gpt.py). Left to interpreter exit, gloo's worker threads are torn down with the
+    interpreter, and now and then a run that has finished aborts ("terminate called without an active
+    exception", SIGABRT, a non-zero exit from torchrun; seen here twice in about 40 two-rank jobs; the
+    same as pytorch/pytorch#190489). Call it only after success: destroying while a peer may still be
+    in a collective can hang."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def topology_parts(domains: Sequence[str], rank_sites: Optional[Sequence[Optional[str]]]) -> List[str]:
     """Each rank's part of the topology: its domain, or "domain@site" when the ranks span several sites."""
     if not rank_sites or len({s or "" for s in rank_sites}) < 2:
