@@ -16,7 +16,7 @@ def main(argv=None) -> int:
     try:
         cfg = parse_args(argv)  # 1. YAML + Megatron-style flags -> validated config
         pretrain(cfg)  # 2. context, data, model, optimizer, loop, checkpoints, metrics
-        close_distributed()  # 3. process groups down before the interpreter (else gloo can abort the exit)
+        close_distributed()  # 3. process groups down before the interpreter exits
     except MegahetError as exc:
         # Expected user errors: one line, no traceback, non-zero exit.
         msg = f"megahet error: {exc}"

@@ -395,7 +395,7 @@ def main():
         for r in range(args.runs):
             try:
                 step, compute = run_case(cluster_raw, layout, model, args.iters, 29700 + 10 * i + r, detail=True)
-            except RuntimeError as exc:  # once: a rank can abort at exit after training (see README)
+            except RuntimeError as exc:  # once, and said: the table then shows a run that completed
                 print(f"  {name} run {r + 1} failed, run again: {str(exc).splitlines()[-1]}", flush=True)
                 step, compute = run_case(cluster_raw, layout, model, args.iters, 29800 + 10 * i + r, detail=True)
             steps.append(step)

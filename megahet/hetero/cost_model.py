@@ -486,12 +486,14 @@ def small_allreduce_time(n: int, lat: float) -> float:
     return 2 * math.ceil(math.log2(n)) * lat if n > 1 else 0.0
 
 
-def step_collectives_time(groups: Sequence[GroupSpec], world: int, links: Links) -> float:
+def step_collectives_time(groups: Sequence[GroupSpec], world: int, links: Links, dp: int = 2) -> float:
     """The scalar all-reduces every step makes besides the model's (training/train_step.py, grad_norm.py):
-    the global token count, the gradient norm and the logged loss, over the world; each as slow as the
-    slowest link kind the world spans (host-staged through the bridge across domains)."""
+    the gradient norm and the logged loss over the world, and the global token count over the `dp`
+    replicas (none with one replica); each as slow as the slowest link kind the world spans
+    (host-staged through the bridge across domains)."""
     if world <= 1:
         return 0.0
+    count = 2 + (1 if dp > 1 else 0)
     sites = {g.site for g in groups}
     domains = {g.domain for g in groups}
     if len(sites) > 1:
@@ -500,7 +502,7 @@ def step_collectives_time(groups: Sequence[GroupSpec], world: int, links: Links)
         kind = "cross_domain"
     else:
         kind = "intra_node" if world <= min(g.devices_per_node for g in groups) else "inter_node"
-    return 3 * small_allreduce_time(world, links.params(kind, "all_reduce")[1])
+    return count * small_allreduce_time(world, links.params(kind, "all_reduce")[1])
 
 
 def p2p_bytes(spec: ModelSpec, mbs: int) -> float:

@@ -115,7 +115,7 @@ def predict(plan: dict, spec: cm.ModelSpec, groups: Dict[str, cm.GroupSpec], lin
         opt_time = max(opt_time, max(cm.optimizer_time(groups[g], local) for g in members))
     used = {s["group"] for pipe in pipes for s in pipe["stages"]}
     world = sum(int(s["tensor_parallel"]) for pipe in pipes for s in pipe["stages"])
-    framework = cm.step_collectives_time([groups[g] for g in sorted(used)], world, links)
+    framework = cm.step_collectives_time([groups[g] for g in sorted(used)], world, links, dp)
     step = slow.time + dp_exposed + opt_time + framework
     tokens_per_s = tokens_step / step if step > 0 else 0.0
     # Memory per group (worst rank) and overflow.

@@ -12,6 +12,7 @@ Reductions use SUM; averaging is the caller's explicit division (AVG is not offe
 from __future__ import annotations
 
 import functools
+import time
 from typing import List, Optional, Sequence
 
 import torch
@@ -106,6 +107,9 @@ class CommGroup:
         if self.strict:
             strict_devices.activate()
         self.counters = None  # a LinkCounters: bytes this rank sends over the bridge (set by the context)
+        # Seconds a blocking all-reduce of so many bytes also spends on a simulated slow link
+        # (link_throttle.scalar_collective_delay: the world group of a job on simulated sites), or None.
+        self.link_delay = None
 
     def _count(self, tensor: torch.Tensor, copies: int = 1) -> None:
         if self.bridged and self.counters is not None:
@@ -145,7 +149,10 @@ class CommGroup:
         self._count(staged)
         work = dist.all_reduce(staged, op=_OPS[op], group=self.pg, async_op=async_op)
         finish = (lambda: bridge.write_back(staged, tensor)) if staged is not tensor else None
-        return _complete(work, finish, async_op, tensor)
+        out = _complete(work, finish, async_op, tensor)
+        if self.link_delay is not None and not async_op:
+            time.sleep(self.link_delay(staged.numel() * staged.element_size()))
+        return out
 
     def _stage_reduction(self, tensor: torch.Tensor) -> torch.Tensor:
         """The tensor as the library reduces it: host-staged for the bridge, upcast where needed."""

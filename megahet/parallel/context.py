@@ -30,7 +30,7 @@ from megahet.errors import MegahetError
 from megahet.parallel.comm import CommGroup, make_group
 from megahet.parallel.hierarchical import HierarchicalGroup
 from megahet.parallel.heartbeat import Progress, beat_interval, heartbeat_store
-from megahet.parallel.link_throttle import SiteThrottle
+from megahet.parallel.link_throttle import SiteThrottle, scalar_collective_delay
 from megahet.parallel.links import LinkCounters, Links
 
 if TYPE_CHECKING:
@@ -313,6 +313,9 @@ def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
                       library="gloo" if world_bridged else libraries[rank], name="world", device=device,
                       unreducible_dtypes=backend.unreducible_dtypes)
     # The world group's job-wide scalars (norms, flags, losses) are not counted: counters show links.
+    # On simulated sites they cross the slow link (the bridge's throttle covers only point-to-point).
+    if throttle is not None:
+        world.link_delay = scalar_collective_delay(link_throttle, world_size)
     links = Links(rank, parts, libraries, device, timeout, counters, throttle=throttle)
     where = [(d, k, t) for d, row in enumerate(assignment) for k, ranks in enumerate(row)
              for t, r in enumerate(ranks) if r == rank]
@@ -343,11 +346,10 @@ def build_parallel_context(tp: int = 1, pp: int = 1, ep: int = 1, *,
 
 def close_distributed() -> None:
     """Destroy the default process group and every group made from it: a finished job's last act
-    (examples/pretrain_gpt.py). Left to interpreter exit, gloo's worker threads are torn down with the
-    interpreter, and now and then a run that has finished aborts ("terminate called without an active
-    exception", SIGABRT, a non-zero exit from torchrun; seen here twice in about 40 two-rank jobs; the
-    same as pytorch/pytorch#190489). Call it only after success: destroying while a peer may still be
-    in a collective can hang."""
+    (examples/pretrain_gpt.py), as PyTorch asks of every application on a normal exit (NCCL/HCCL groups
+    otherwise warn and may leave work pending; gloo's threads are otherwise torn down with the
+    interpreter). Call it only after success: destroying while a peer may still be in a collective can
+    hang."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

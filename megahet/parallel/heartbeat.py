@@ -76,9 +76,17 @@ class Progress:
         self._thread = threading.Thread(target=self._run, name="megahet-heartbeat", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop beating and wait (up to `timeout_s`) for the thread to finish a beat it is in. Returning
+        while it may still be inside the store's C++ call would let the interpreter exit under it: a daemon
+        thread re-taking the GIL during finalization is unwound by pthread_exit, and unwinding through
+        the store's C++ frames aborts the process ("terminate called without an active exception", a
+        SIGABRT exit from a run that had finished)."""
         self._stop.set()
         self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout_s)
 
     def _publish(self) -> None:
         with self._lock:

@@ -9,13 +9,17 @@ sleeps until the latest arrival. Links are given per direction in the cluster sp
 GB/s, `links.cross_site_latency_ms`), so one CPU machine can run and measure a two-site plan.
 Links (pipeline messages) and HierarchicalGroup (the cross-part shard exchange of a reduction) call
 it; both split the topology by (domain, site) (`context.topology_parts`), so every message between
-sites crosses the bridge. TP/EP groups and the job-wide scalar all-reduces are not throttled.
+sites crosses the bridge. The world group's blocking all-reduces (the job-wide scalars: loss, gradient
+norm) wait out a latency-bound tree over the link after they complete (`scalar_collective_delay`, the
+cost model's charge for them). TP/EP groups, which the planner never places across sites, are not
+throttled.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -76,6 +80,19 @@ def cluster_throttles(cluster) -> Optional[List[List[Optional[LinkThrottle]]]]:
     if len({s or "" for s in sites}) < 2 or not cluster.links.get("cross_site"):
         return None
     return site_throttles(sites, cluster.links)
+
+
+def scalar_collective_delay(table: Sequence[Sequence[Optional[LinkThrottle]]],
+                            world: int) -> Optional[Callable[[int], float]]:
+    """Seconds (a function of the bytes) a blocking all-reduce over `world` ranks spanning simulated sites
+    spends on the site link once every rank has arrived: a tree up and down, 2 ceil(log2 world) messages
+    (cost_model.small_allreduce_time, what the planner charges a step's scalar all-reduces on a
+    cross-site world). None when no pair of ranks is throttled."""
+    link = next((x for row in table for x in row if x is not None), None)
+    if link is None or world < 2:
+        return None
+    steps = 2 * math.ceil(math.log2(world))
+    return lambda nbytes: steps * link.duration(nbytes)
 
 
 def arrival_wait(received: Sequence[Tuple[int, LinkThrottle, int, float]], now: float) -> float:

@@ -21,9 +21,13 @@ def test_cross_site_messages_take_the_link_time():
     assert r0["p2p_waited_s"] == 0.0
     # Each rank receives the other's half-tensor shard (0.5 MB): 300 ms + 50 ms at least.
     assert min(r0["reduce_s"], r1["reduce_s"]) >= 0.3 + 0.5e6 / 0.01e9
+    # A job-wide scalar crosses the link up and down a tree (2 messages at 2 ranks), as the cost model charges.
+    assert r0["scalar"] == r1["scalar"] == 2.0
+    assert min(r0["world_s"], r1["world_s"]) >= 2 * 0.3
 
 
 def test_without_sites_nothing_waits():
     r0, r1 = run_distributed(timed_cross_site_messages, 2, 0, 0.0, NUMEL, timeout=90)
     torch.testing.assert_close(r1["got"], torch.arange(NUMEL, dtype=torch.float32))
     assert not r0["throttled"] and not r1["throttled"]  # no sites: no throttle, nothing ever sleeps
+    assert not r0["world_delayed"] and not r1["world_delayed"] and r0["scalar"] == 2.0

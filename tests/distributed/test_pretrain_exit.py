@@ -1,5 +1,5 @@
-"""A finished job takes its process groups down itself (examples/pretrain_gpt.py -> close_distributed):
-left to interpreter exit, gloo's threads now and then abort a run that has finished (SIGABRT)."""
+"""A finished job takes its process groups down itself (examples/pretrain_gpt.py -> close_distributed)
+rather than leaving them to interpreter exit."""
 import importlib.util
 import os
 

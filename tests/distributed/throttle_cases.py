@@ -9,7 +9,8 @@ from megahet.parallel.links import Recv, Send
 
 
 def timed_cross_site_messages(latency_ms, gbps, numel):
-    """A pipeline-style message rank 0 -> rank 1, then a hierarchical all-reduce; seconds each took."""
+    """A pipeline-style message rank 0 -> rank 1, a hierarchical all-reduce, then a world all-reduce of a
+    scalar; seconds each took."""
     table = site_throttles(["dc1", "dc2"], {"cross_site": gbps, "cross_site_latency_ms": latency_ms}) \
         if latency_ms else None
     ctx = build_parallel_context(rank_specs=[RankSpec("cpu"), RankSpec("sim", {"speed": 1.0})], timeout_s=60,
@@ -29,6 +30,11 @@ def timed_cross_site_messages(latency_ms, gbps, numel):
     start = time.perf_counter()
     ctx.dp_group.all_reduce(x)
     reduce_s = time.perf_counter() - start
+    scalar = torch.ones(1, dtype=torch.float64)  # [1] as the job-wide loss / gradient norm
+    start = time.perf_counter()
+    ctx.world_group.all_reduce(scalar)
+    world_s = time.perf_counter() - start
     return {"p2p_s": p2p_s, "reduce_s": reduce_s, "got": got, "sum": x, "p2p_waited_s": p2p_waited,
-            "throttled": throttle is not None,
+            "throttled": throttle is not None, "world_s": world_s, "scalar": float(scalar[0]),
+            "world_delayed": ctx.world_group.link_delay is not None,
             "hierarchical": type(ctx.dp_group).__name__}

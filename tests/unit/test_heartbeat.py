@@ -32,3 +32,26 @@ def test_counting_is_per_group_and_the_fast_path_needs_no_store():
     assert p.snapshot() == {"beat": 0, "step": 0, "in": "z over a", "seq": {"a": 2, "b": 1}}
     assert p.explain([1], "a", 2) is None  # no store: nothing to read
     assert beat_interval(600, 8) == 5.0 and beat_interval(3, 2) == 0.75 and beat_interval(600, 50_000) == 25.0
+
+
+def test_stop_waits_for_a_beat_in_flight():
+    """A beat still inside the store's call when the process exits can abort it (SIGABRT): stop() joins."""
+    import threading
+    import time
+
+    class SlowStore:
+        def __init__(self):
+            self.sets, self.inside = 0, threading.Event()
+
+        def set(self, key, value):
+            self.sets += 1
+            if self.sets > 1:  # the first set is start()'s own, on the caller's thread
+                self.inside.set()
+                time.sleep(0.3)
+
+    store = SlowStore()
+    p = Progress(0, store, interval_s=0.01)
+    p.start()
+    assert store.inside.wait(5)  # the thread is inside a beat
+    p.stop()
+    assert not p._thread.is_alive()

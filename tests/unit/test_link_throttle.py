@@ -5,7 +5,7 @@ import torch
 from megahet.errors import MegahetError
 from megahet.hetero.cluster import parse_cluster
 from megahet.parallel.link_throttle import (LinkThrottle, SiteThrottle, _Receipt, arrival_wait, cluster_throttles,
-                                            rank_sites, site_throttles)
+                                            rank_sites, scalar_collective_delay, site_throttles)
 
 
 def test_finish_waits_for_the_rest_of_the_link_time():
@@ -63,3 +63,13 @@ def test_cluster_throttles_only_with_sites_and_a_link():
     assert cluster_throttles(linked)[0][1] == LinkThrottle(2e9, 0.0)
     one = parse_cluster({"groups": [{"backend": "cpu", "devices": 2, "site": "a"}], "links": {"cross_site": 2.0}})
     assert cluster_throttles(one) is None
+
+
+def test_scalar_collectives_cross_the_link_as_the_cost_model_charges():
+    from megahet.hetero import cost_model as cm
+    table = site_throttles(["a", "a", "b", "b"], {"cross_site": 0.05, "cross_site_latency_ms": 20})
+    delay = scalar_collective_delay(table, 4)
+    # 4 ranks: a tree up and down is 2 log2(4) = 4 messages of latency + bytes / bandwidth.
+    assert delay(8) == pytest.approx(4 * (0.02 + 8 / 0.05e9))
+    assert delay(0) == pytest.approx(cm.small_allreduce_time(4, 0.02))
+    assert scalar_collective_delay(site_throttles(["a", "a"], {"cross_site": 0.05}), 2) is None  # one site
