@@ -486,7 +486,7 @@ def small_allreduce_time(n: int, lat: float) -> float:
     return 2 * math.ceil(math.log2(n)) * lat if n > 1 else 0.0
 
 
-def step_collectives_time(groups: Sequence[GroupSpec], world: int, links: Links, dp: int = 2) -> float:
+def step_collectives_time(groups: Sequence[GroupSpec], world: int, links: Links, dp: int) -> float:
     """The scalar all-reduces every step makes besides the model's (training/train_step.py, grad_norm.py):
     the gradient norm and the logged loss over the world, and the global token count over the `dp`
     replicas (none with one replica); each as slow as the slowest link kind the world spans

@@ -319,6 +319,7 @@ def load_or_measure_shards_together(model_cfg, dtype: torch.dtype, speeds: Seque
     if block <= 1 or (ep > 1 and (not moe or model_cfg.num_experts % ep)) or len(speeds) % block \
             or any(len(set(speeds[i:i + block])) != 1 for i in range(0, len(speeds), block)):
         return None
+    # TP-only keys are those of the TP-only measurement before EP was added: its caches stay valid.
     key = profile_key("tp" if ep == 1 else "shards", model_cfg, dtype, threads,
                       list(micro_batch_sizes) + [tuple(speeds), tp, bool(sequence_parallel)] + ([ep] if ep > 1 else []))
     path = os.path.join(cache_dir(), key + ".json")
@@ -375,8 +376,8 @@ def _measure_shard_rank(model_cfg, dtype, speeds, tp, ep, sequence_parallel, mbs
         head = GPTModel(cfg, ctx, layer_ids=[], pre_process=False, post_process=True, vocab_size=vocab_size,
                         padded_vocab_size=padded, sequence_parallel=sp, dtype=dtype)
     sync = lambda: ctx.backend.synchronize(ctx.device)  # noqa: E731
-    # Every member of a TP or EP group calls its collectives in each run: the whole tp x ep block agrees
-    # on each `more` (consecutive ranks, as the layout groups them; its TP group when ep is 1).
+    # Every member of a TP or EP group calls its collectives in each run, so they agree on each `more`:
+    # the TP group (ep 1), the EP group (tp 1), else every local rank (a superset of the tp x ep block).
     group = ctx.tp_group if ep == 1 else ctx.ep_group if tp == 1 else ctx.world_group
     together = _TogetherInGroup(dist.PrefixStore("megahet/profile-shards", store), world, min_seconds, group, ctx.device)
 

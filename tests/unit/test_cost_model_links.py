@@ -88,14 +88,14 @@ def test_step_scalar_all_reduces_hand_computed():
     assert cm.small_allreduce_time(16384, 1e-5) == pytest.approx(2 * 14 * 1e-5)
     assert cm.small_allreduce_time(1, 1.0) == 0.0
     links = _links()  # measured intra-node all-reduce: 1 ms per step
-    assert cm.step_collectives_time([_group()], 2, links) == pytest.approx(3 * 2e-3)
-    assert cm.step_collectives_time([_group()], 1, links) == 0.0
+    assert cm.step_collectives_time([_group()], 2, links, dp=2) == pytest.approx(3 * 2e-3)
+    assert cm.step_collectives_time([_group()], 1, links, dp=1) == 0.0
     # One replica (a pipeline): no token count across replicas, only the gradient norm and the loss.
     assert cm.step_collectives_time([_group()], 2, links, dp=1) == pytest.approx(2 * 2e-3)
     # cpu + sim: the world crosses domains, so the bridge's latency (not measured here: the link's own).
     sim = cm.GroupSpec(name="sim", backend="sim", devices=1, devices_per_node=1, peak_tflops=1.0, memory_gb=8.0,
                        domain="sim")
-    assert cm.step_collectives_time([_group(), sim], 2, links) == pytest.approx(
+    assert cm.step_collectives_time([_group(), sim], 2, links, dp=2) == pytest.approx(
         3 * 2 * links.latency["cross_domain"])
 
 
